@@ -1,0 +1,302 @@
+"""Thin wrappers around Hugging Face's Qwen2.5-VL: load, build inputs, sample, per-token log-probs.
+
+The same functions serve the tiny offline model and ``Qwen/Qwen2.5-VL-7B-Instruct``.
+
+Shapes (key): ``B`` examples in a batch, ``L`` prompt tokens (left padded), ``T`` completion
+tokens (right padded), ``V`` vocabulary. Qwen2.5-VL's image inputs are *packed*, not batch
+first: ``pixel_values (P, C·tp·14·14)`` holds the patches of every image of the batch back to
+back, and ``image_grid_thw (I, 3)`` has one ``(t, h, w)`` row per image, in prompt order; image
+``i`` owns ``t·h·w`` patch rows and ``t·h·w / merge²`` ``<|image_pad|>`` tokens.
+
+Facts this module relies on (DESIGN §8, measured with transformers 5.23):
+- ``Qwen2_5_VLProcessor`` / ``AutoProcessor`` need torchvision for the video processor, so we
+  use an image-only subclass and save it under the standard class name.
+- Sampling suppresses the vision special tokens (a random model may sample ``<|image_pad|>``,
+  and the re-forward then fails) and uses ``top_k=0, top_p=1.0`` so that the distribution we
+  sample from is the one we score.
+- ``mm_token_type_ids`` (1 on image tokens) must reach every forward: without it transformers
+  silently falls back to 1-D positions and log-probs drift by ~1e-2.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoTokenizer,
+    GenerationConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessorPil,
+)
+
+VISION_SPECIAL_TOKENS = (
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
+    """``Qwen2_5_VLProcessor`` without the video processor (which needs torchvision).
+
+    Its ``__init__`` signature names only ``image_processor`` and ``tokenizer``, which is how
+    ``ProcessorMixin`` decides which sub-processors exist.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+def save_processor(processor: ImageOnlyQwenVLProcessor, out_dir: str | Path) -> None:
+    """Save the processor so that plain ``AutoProcessor`` can load the folder too."""
+    out = Path(out_dir)
+    processor.save_pretrained(out)
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        path = out / name
+        if path.exists():
+            cfg = json.loads(path.read_text())
+            if "processor_class" in cfg:
+                cfg["processor_class"] = "Qwen2_5_VLProcessor"
+                path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def load_processor(name_or_path: str, **hub_kwargs) -> ImageOnlyQwenVLProcessor:
+    """The tokenizer, image processor and chat template of a Qwen2.5-VL folder or hub id."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False, **hub_kwargs)
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path, **hub_kwargs)
+    chat_template = tokenizer.chat_template
+    if chat_template is None:
+        raise ValueError(f"{name_or_path} has no chat template; expected a Qwen2.5-VL-*-Instruct checkpoint")
+    tokenizer.padding_side = "left"
+    return ImageOnlyQwenVLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
+    )
+
+
+def load_policy(
+    name_or_path: str,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+    **hub_kwargs,
+) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageOnlyQwenVLProcessor]:
+    """Load a Qwen2.5-VL model and its image-only processor (hub id or local folder).
+
+    ``trust_remote_code`` stays off; weights load from safetensors. Pass ``local_files_only=True``
+    (or set ``HF_HUB_OFFLINE=1``) to forbid any download.
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    kwargs = dict(dtype=dtype, trust_remote_code=False, use_safetensors=True, **hub_kwargs)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, **kwargs).to(device)
+    processor = load_processor(name_or_path, **hub_kwargs)
+    return model, processor
+
+
+def token_ids(processor, texts: list[str] | tuple[str, ...]) -> list[int]:
+    """The ids of tokens that must each be a single token (e.g. the digits of a rating scale)."""
+    ids = []
+    for text in texts:
+        enc = processor.tokenizer.encode(text, add_special_tokens=False)
+        if len(enc) != 1:
+            raise ValueError(f"{text!r} is {len(enc)} tokens in this tokenizer; the soft head needs one")
+        ids.append(enc[0])
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def build_inputs(processor, texts: list[str], images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
+    """Tokenize chat-formatted prompts with their images into one left-padded batch.
+
+    ``texts[b]`` is the rendered chat prompt of example ``b`` (see ``render_prompt``) and
+    ``images[b]`` its images in order. Returns ``input_ids (B, L)``, ``attention_mask (B, L)``,
+    ``mm_token_type_ids (B, L)``, ``pixel_values (P, D)`` and ``image_grid_thw (I, 3)``.
+    """
+    assert len(texts) == len(images), "one image list per prompt"
+    flat = [im for ims in images for im in ims]
+    processor.tokenizer.padding_side = "left"
+    enc = processor(text=texts, images=flat or None, padding=True, return_tensors="pt")
+    if "mm_token_type_ids" not in enc:
+        enc["mm_token_type_ids"] = (enc["input_ids"] == processor.image_token_id).long()
+    return dict(enc)
+
+
+def render_prompt(processor, messages: list[dict]) -> str:
+    """The chat-template text of one conversation, ending with the assistant's turn opener."""
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+@dataclass
+class Completions:
+    """``G`` sampled completions for each of ``B`` prompts, flattened to ``N = B·G`` rows.
+
+    Row ``n`` belongs to prompt ``n // G``. ``ids_NT`` is right padded with the pad token and
+    ``mask_NT`` is 1 on real tokens (the end-of-turn token included, which is also scored).
+    """
+
+    ids_NT: torch.Tensor
+    mask_NT: torch.Tensor
+    texts: list[str]
+    truncated_N: torch.Tensor  # True where the completion hit max_new_tokens without ending
+
+
+def suppressed_token_ids(processor) -> list[int]:
+    return processor.tokenizer.convert_tokens_to_ids(list(VISION_SPECIAL_TOKENS))
+
+
+def sampling_config(model, processor, max_new_tokens: int, temperature: float, min_new_tokens: int = 0):
+    """The generation settings GRPO needs: plain sampling from the full softmax at ``temperature``."""
+    gen = model.generation_config
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    return GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        suppress_tokens=suppressed_token_ids(processor),
+        num_return_sequences=1,
+    )
+
+
+@torch.no_grad()
+def sample_completions(
+    model,
+    processor,
+    inputs: dict[str, torch.Tensor],
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    min_new_tokens: int = 0,
+    return_scores: bool = False,
+) -> Completions | tuple[Completions, torch.Tensor]:
+    """Sample ``group_size`` completions per prompt with one batched ``generate`` call.
+
+    With ``return_scores`` the processed logits of each step come back too, ``(N, T, V)``, which
+    the tests compare with our re-forward log-probs.
+    """
+    cfg = sampling_config(model, processor, max_new_tokens, temperature, min_new_tokens)
+    cfg.num_return_sequences = group_size
+    L = inputs["input_ids"].shape[1]
+    cfg.return_dict_in_generate = True
+    cfg.output_logits = return_scores
+    out = model.generate(**inputs, generation_config=cfg)
+    ids_NT = out.sequences[:, L:]  # (N, T)
+    completions = _trim(ids_NT, processor, cfg.eos_token_id, max_new_tokens)
+    if return_scores:
+        return completions, torch.stack(out.logits, dim=1)  # (N, T, V)
+    return completions
+
+
+def _trim(ids_NT: torch.Tensor, processor, eos_ids: list[int], max_new_tokens: int) -> Completions:
+    """Mask everything after the first end-of-sequence token (which itself stays unmasked)."""
+    is_eos = torch.isin(ids_NT, torch.tensor(eos_ids, device=ids_NT.device))
+    # A token is real if no eos came strictly before it.
+    eos_before = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    mask_NT = (~eos_before).long()
+    ended = is_eos.any(dim=1)
+    pad = processor.tokenizer.pad_token_id
+    ids_NT = ids_NT.masked_fill(mask_NT == 0, pad)
+    texts = processor.tokenizer.batch_decode(ids_NT, skip_special_tokens=True)
+    truncated = ~ended & (ids_NT.shape[1] >= max_new_tokens)
+    return Completions(ids_NT=ids_NT, mask_NT=mask_NT, texts=texts, truncated_N=truncated)
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs
+
+
+def select_rows(inputs: dict[str, torch.Tensor], rows: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
+    """Prompt rows ``rows`` of a batch (repeats allowed), with the packed images sliced to match.
+
+    ``pixel_values`` and ``image_grid_thw`` are packed over all images of the batch, so a row's
+    images are found by counting the image blocks of the rows before it.
+    """
+    rows = torch.as_tensor(rows, dtype=torch.long).tolist()
+    out = {k: inputs[k][rows] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    if "pixel_values" in inputs:
+        counts = torch.tensor(image_counts(inputs))
+        img_start = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # (B+1,)
+        patches = inputs["image_grid_thw"].prod(dim=1)  # (I,) patch rows per image
+        patch_start = torch.cat([torch.zeros(1, dtype=torch.long), patches.cumsum(0).cpu()])  # (I+1,)
+        pv, grid = [], []
+        for r in rows:
+            first, last = img_start[r], img_start[r + 1]
+            pv.append(inputs["pixel_values"][patch_start[first] : patch_start[last]])
+            grid.append(inputs["image_grid_thw"][first:last])
+        out["pixel_values"] = torch.cat(pv)  # (P', D)
+        out["image_grid_thw"] = torch.cat(grid)  # (I', 3)
+    return out
+
+
+def repeat_inputs(inputs: dict[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
+    """Repeat a batch of B prompts G times each: rows ``b·G … b·G+G−1`` are prompt ``b``."""
+    B = inputs["input_ids"].shape[0]
+    return select_rows(inputs, torch.arange(B).repeat_interleave(group_size))
+
+
+def image_counts(inputs: dict[str, torch.Tensor]) -> list[int]:
+    """Number of images in each prompt row, read from the ``<|vision_start|>`` blocks."""
+    ids = inputs["input_ids"]
+    mm = inputs["mm_token_type_ids"]
+    # An image block is a run of image tokens; count run starts per row.
+    starts = (mm == 1) & torch.nn.functional.pad(mm[:, :-1] != 1, (1, 0), value=True)
+    return starts.sum(dim=1).tolist() if ids.numel() else []
+
+
+def completion_logprobs(
+    model,
+    inputs: dict[str, torch.Tensor],
+    completion_ids_NT: torch.Tensor,
+    completion_mask_NT: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-token log π(y_t | prompt, images, y_<t) of the completions, ``(N, T)``.
+
+    ``inputs`` holds one prompt row per completion (``repeat_inputs`` for groups). The forward
+    runs over ``[prompt ‖ completion]`` but the LM head only over the ``T`` positions that predict
+    completion tokens (``logits_to_keep``), and the log-softmax is taken in float32. Dividing
+    by ``temperature`` scores the same distribution ``generate`` sampled from.
+    """
+    N, T = completion_ids_NT.shape
+    input_ids = torch.cat([inputs["input_ids"], completion_ids_NT], dim=1)  # (N, L+T)
+    attention_mask = torch.cat(
+        [inputs["attention_mask"], completion_mask_NT.to(inputs["attention_mask"])], dim=1
+    )
+    mm = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(completion_ids_NT)], dim=1)
+    extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        mm_token_type_ids=mm,
+        logits_to_keep=T + 1,
+        use_cache=False,
+        **extra,
+    )
+    logits = out.logits[:, :-1, :].float() / temperature  # (N, T, V): position t predicts token t
+    return selective_log_softmax(logits, completion_ids_NT)
+
+
+def selective_log_softmax(logits_NTV: torch.Tensor, ids_NT: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)[ids]`` without keeping a second (N, T, V) tensor alive."""
+    picked = torch.gather(logits_NTV, -1, ids_NT.unsqueeze(-1)).squeeze(-1)  # (N, T)
+    return picked - torch.logsumexp(logits_NTV, dim=-1)
