@@ -102,15 +102,15 @@ def parse_completion(text: str, valid_answers: tuple[int, ...]) -> ParsedComplet
     """Parse ``<think>…</think><answer>N</answer>`` strictly.
 
     Well formed means: exactly one think block followed by exactly one answer block, nothing
-    but white space around them, and the answer is one integer in ``valid_answers`` (white space
-    around it is allowed). An empty, non-numeric or out-of-range answer is not well formed.
+    but white space around them, and the answer is one integer in ``valid_answers`` written in
+    plain ASCII digits without sign or leading zeros (white space around it is allowed). An empty, non-numeric or out-of-range answer is not well formed.
     """
     m = _STRICT.fullmatch(text)
     if m is None:
         return ParsedCompletion(False, None, _reasoning_of(text))
     reasoning = m.group("think").strip()
     raw = m.group("answer").strip()
-    if not re.fullmatch(r"[+-]?\d+", raw) or int(raw) not in valid_answers:
+    if not re.fullmatch(r"0|[1-9][0-9]*", raw) or int(raw) not in valid_answers:  # ASCII, no sign, no 0-padding
         return ParsedCompletion(False, None, reasoning)
     return ParsedCompletion(True, int(raw), reasoning)
 

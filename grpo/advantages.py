@@ -1,0 +1,76 @@
+"""Group-relative advantages: the "G" in GRPO (arXiv 2402.03300, §4.1.2; arXiv 2503.19948, §3).
+
+Every prompt is answered G times; each completion's reward is compared with the other
+completions *of the same prompt*, so no value network is needed:
+
+    A_i = (r_i − mean(r_1..r_G)) / (std(r_1..r_G) + eps)
+
+Shape key: ``B`` prompts, ``G`` completions per prompt (group size).
+
+Conventions (DESIGN §4):
+
+- ``std`` is the *unbiased* sample standard deviation (``torch.std``, divisor G − 1), as in the
+  GRPO paper's reference code and TRL. The biased std would scale every advantage by
+  sqrt(G / (G − 1)).
+- A group whose rewards are all equal carries no learning signal: its advantages are exactly 0.
+  The formula nearly gives that on its own (numerator ≈ 0, denominator eps), but a float mean of
+  equal values can be off by one ulp (mean([0.1, 0.1, 0.1]) ≠ 0.1), so such groups are zeroed
+  explicitly.
+- G = 1: torch.std of a single element is NaN (divisor 0). A lone completion has nothing to be
+  compared with, so its advantage is defined as 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _zero_spread_B(rewards_BG: Tensor) -> Tensor:
+    """True for the groups whose G rewards are all exactly equal (G = 1 included). Shape (B,)."""
+    return (rewards_BG == rewards_BG[:, :1]).all(dim=1)
+
+
+def group_advantages(rewards_BG: Tensor, eps: float = 1e-4) -> Tensor:
+    """Normalise each group's rewards: A_i = (r_i − μ_group) / (σ_group + eps).
+
+    | argument     | symbol | shape  |
+    |--------------|--------|--------|
+    | rewards_BG   | r      | (B, G) |
+    | eps          | —      | float, keeps A finite for tiny but non-zero spreads |
+    | returns      | A      | (B, G) |
+
+    σ is the unbiased std over the group. A zero-spread group (and every group when G = 1) gets
+    all-zero advantages, never NaN.
+    """
+    assert rewards_BG.dim() == 2, f"rewards must be (B, G), got shape {tuple(rewards_BG.shape)}"
+    assert rewards_BG.is_floating_point(), f"rewards must be floating point, got {rewards_BG.dtype}"
+    assert torch.isfinite(rewards_BG).all(), "rewards must be finite"
+    if rewards_BG.shape[1] == 1:
+        return torch.zeros_like(rewards_BG)  # nothing to compare with (and torch.std would be NaN)
+    mean_B1 = rewards_BG.mean(dim=1, keepdim=True)
+    std_B1 = rewards_BG.std(dim=1, keepdim=True)  # unbiased: divisor G − 1
+    adv_BG = (rewards_BG - mean_B1) / (std_B1 + eps)
+    return torch.where(_zero_spread_B(rewards_BG)[:, None], torch.zeros_like(adv_BG), adv_BG)
+
+
+def group_stats(rewards_BG: Tensor) -> dict[str, float]:
+    """Logging figures for a batch of groups.
+
+    - ``reward_mean``: mean reward over all B·G completions.
+    - ``reward_std``: the within-group (unbiased) std, averaged over the B groups; 0 for G = 1.
+    - ``frac_zero_std``: the fraction of groups whose rewards are all equal, i.e. groups that
+      contribute no gradient. A value near 1 means the policy has collapsed (or the task is too
+      easy / too hard for the current policy) and GRPO has stopped learning.
+    """
+    assert rewards_BG.dim() == 2, f"rewards must be (B, G), got shape {tuple(rewards_BG.shape)}"
+    rewards_BG = rewards_BG.double()
+    if rewards_BG.shape[1] == 1:
+        std_B = torch.zeros(rewards_BG.shape[0], dtype=rewards_BG.dtype)
+    else:
+        std_B = rewards_BG.std(dim=1)
+    return {
+        "reward_mean": float(rewards_BG.mean()),
+        "reward_std": float(std_B.mean()),
+        "frac_zero_std": float(_zero_spread_B(rewards_BG).double().mean()),
+    }

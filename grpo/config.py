@@ -1,0 +1,256 @@
+"""Experiment configuration: nested dataclasses, set by a YAML file and ``key.sub=value`` overrides.
+
+    python -m grpo.train experiments/imagereward.yaml grpo.group_size=4 train.lr=3e-6
+
+Every field carries a docstring-style comment naming the paper's symbol where there is one
+(G, β, ε, μ). Unknown keys and values of the wrong type are errors; the resolved config is
+written next to every run and checkpoint (``config.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+# LoRA targets: the language model's projections only (the vision blocks also have gate/up/down).
+LANGUAGE_LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+VISION_LORA_TARGET = r".*visual\.blocks.*\.(qkv|proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "Qwen/Qwen2.5-VL-7B-Instruct"
+    """Hub id or local folder of a Qwen2.5-VL-*-Instruct checkpoint (or a tiny folder)."""
+    dtype: str = "bfloat16"
+    """Dtype of the weights: float32 | bfloat16 | float16."""
+    lora_rank: int = 0
+    """LoRA rank r; 0 means full fine-tuning with a frozen reference copy."""
+    lora_alpha: int = 128
+    """LoRA scaling α (the update is scaled by α / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    freeze_vision: bool = True
+    """Keep the vision tower fixed (full fine-tuning: no grad; LoRA: no adapters on it)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    min_pixels: int = 0
+    """Override the processor's minimum image area in pixels (0 keeps the checkpoint's)."""
+    max_pixels: int = 0
+    """Override the processor's maximum image area in pixels (0 keeps the checkpoint's)."""
+    attn_implementation: str = ""
+    """Attention kernel (sdpa, flash_attention_2, eager); empty keeps the default."""
+
+
+@dataclass
+class DataConfig:
+    kind: str = "imagereward"
+    """Dataset format: imagereward (single image, rating) | hpdv2 (two images, 0/1)."""
+    root: str = "datasets/ImageRewardDB"
+    """Local dataset folder, as downloaded (see README: Data)."""
+    split: str = "train"
+    """Training split (ImageRewardDB: train | validation)."""
+    subset: str = ""
+    """ImageRewardDB training subset: 1k | 2k | 4k | 8k; empty means the whole split."""
+    rating_field: str = "overall_rating"
+    """ImageRewardDB column used as the target rating."""
+    pair_fraction: float = 0.25
+    """HPDv2: fraction of the training pairs used (the paper: a random 25%)."""
+    seed: int = 0
+    """Seed of the HPDv2 subset and pair-order shuffling."""
+    max_samples: int = 0
+    """Use only the first N training samples (0 = all); for smoke tests."""
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = 8
+    """G: completions sampled per prompt; advantages are normalised within each group."""
+    prompts_per_step: int = 8
+    """B: prompts per step and per process (each step trains on N = B·G completions)."""
+    max_new_tokens: int = 256
+    """Completion length limit in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are computed at the same temperature."""
+    clip_eps: float = 0.2
+    """ε: the ratio π_θ/π_θold is clipped to [1−ε, 1+ε]."""
+    kl_coef: float = 0.04
+    """β: weight of the KL penalty to the frozen reference policy; 0 skips the reference."""
+    kl_estimator: str = "k3"
+    """KL estimator: k3 (unbiased, non-negative) | k1 (log π/π_ref, the paper's literal form)."""
+    ppo_epochs: int = 1
+    """μ: policy updates per batch of rollouts; μ > 1 stores old log-probs in the buffer."""
+    minibatch_size: int = 16
+    """Completions per forward/backward pass (gradient accumulation over the batch)."""
+    loss_agg: str = "seq-mean"
+    """Loss aggregation: seq-mean (per completion, then mean) | token-mean."""
+    reward_weights: dict[str, float] = field(default_factory=dict)
+    """Weight of each reward component (format, exact, approx); missing ones weigh 1."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/imagereward"
+    """Folder of the run: config.yaml, metrics.jsonl, completions.jsonl, checkpoints."""
+    steps: int = 1000
+    """Number of GRPO steps."""
+    lr: float = 1e-6
+    """Peak learning rate of AdamW."""
+    warmup_steps: int = 20
+    """Linear warm-up steps (Adam's first steps otherwise move every weight by lr)."""
+    lr_schedule: str = "constant"
+    """After warm-up: constant | cosine (to 10% of the peak) | linear (to 0)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm."""
+    bf16: bool = False
+    """bf16 autocast for the forward passes (fast on CPUs with AMX and on GPUs)."""
+    seed: int = 0
+    """Seed of the data order, the sampling and the weight init of LoRA adapters."""
+    device: str = "auto"
+    """cpu | cuda | auto (cuda when available)."""
+    save_every: int = 100
+    """Write a checkpoint every N steps (and always at the end); 0 = only at the end."""
+    keep_last: int = 2
+    """Number of checkpoints kept."""
+    save_merged: bool = False
+    """With LoRA: also save the merged full model next to the adapter."""
+    resume: str = ""
+    """auto (the newest checkpoint in output_dir, if any) | a checkpoint folder | empty."""
+    log_completions: int = 4
+    """Sample completions written to completions.jsonl per step."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate on the held-out groups every N steps (0 = never during training)."""
+    root: str = ""
+    """Evaluation dataset folder (defaults to data.root)."""
+    split: str = "test"
+    """Evaluation split."""
+    max_groups: int = 0
+    """Evaluate on the first N prompts only (0 = all)."""
+    k: int = 1
+    """Mean@k: soft scores averaged over k reasoning rollouts."""
+    max_new_tokens: int = 0
+    """Completion length at evaluation (0 = grpo.max_new_tokens)."""
+    temperature: float = 1.0
+    """Sampling temperature of the evaluation rollouts."""
+    method: str = "auto"
+    """auto (rating for imagereward, anchor for hpdv2) | rating | anchor."""
+    seed: int = 0
+    """Seed of the evaluation rollouts and the anchor choice."""
+    batch_size: int = 16
+    """Prompts (rating) or comparisons (anchor) per generate call."""
+    spread_images: int = 8
+    """Held-out images whose soft-score spread is logged every step (0 = off)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        g, t = self.grpo, self.train
+        _check(g.group_size >= 2, "grpo.group_size (G) must be at least 2: advantages compare completions")
+        _check(g.kl_estimator in ("k1", "k3"), f"grpo.kl_estimator must be k1 or k3, got {g.kl_estimator!r}")
+        _check(g.loss_agg in ("seq-mean", "token-mean"), f"grpo.loss_agg: seq-mean or token-mean, not {g.loss_agg!r}")
+        _check(g.ppo_epochs >= 1, "grpo.ppo_epochs (μ) must be ≥ 1")
+        _check(g.kl_coef >= 0 and g.clip_eps > 0, "grpo.kl_coef must be ≥ 0 and grpo.clip_eps > 0")
+        _check(self.data.kind in ("imagereward", "hpdv2"), f"data.kind: imagereward or hpdv2, not {self.data.kind!r}")
+        _check(t.lr_schedule in ("constant", "cosine", "linear"), f"unknown train.lr_schedule {t.lr_schedule!r}")
+        _check(self.model.dtype in ("float32", "bfloat16", "float16"), f"unknown model.dtype {self.model.dtype!r}")
+        _check(self.eval.method in ("auto", "rating", "anchor"), f"unknown eval.method {self.eval.method!r}")
+        _check(0 < self.data.pair_fraction <= 1, "data.pair_fraction must be in (0, 1]")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the dataclasses."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML experiment, apply ``section.key=value`` overrides, type-check, validate."""
+    raw = {}
+    if path is not None:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        dotted, value = item.split("=", 1)
+        keys = dotted.split(".")
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {key} is not a section")
+        node[keys[-1]] = yaml.safe_load(value) if value != "" else ""
+    config = _build(Config, raw, "")
+    config.validate()
+    return config
+
+
+def _build(cls, raw: dict, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(where + k for k in unknown)}; valid: {sorted(names)}")
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, f"{where}{name}.")
+        else:
+            values[name] = _coerce(value, hint, f"{where}{name}")
+    return cls(**values)
+
+
+def _coerce(value, hint, name: str):
+    origin = typing.get_origin(hint)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        _, vtype = typing.get_args(hint)
+        return {str(k): _coerce(v, vtype, f"{name}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{name}: union types are not supported in configs")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-6" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be float, got {value!r}") from None
+    if hint is str and value is None:
+        return ""
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{name} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def to_dict(config: Config) -> dict:
+    return asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
