@@ -129,7 +129,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 0
-    """Evaluate on the held-out groups every N steps (0 = never during training)."""
+    """Evaluate on the held-out groups every N steps and at the end (0 = never during training).
+    Logs accuracy and the spread of soft scores, which collapses when GRPO finds a constant answer."""
     root: str = ""
     """Evaluation dataset folder (defaults to data.root)."""
     split: str = "test"
@@ -148,8 +149,6 @@ class EvalConfig:
     """Seed of the evaluation rollouts and the anchor choice."""
     batch_size: int = 16
     """Prompts (rating) or comparisons (anchor) per generate call."""
-    spread_images: int = 8
-    """Held-out images whose soft-score spread is logged every step (0 = off)."""
 
 
 @dataclass
@@ -164,12 +163,23 @@ class Config:
         g, t = self.grpo, self.train
         _check(g.group_size >= 2, "grpo.group_size (G) must be at least 2: advantages compare completions")
         _check(g.kl_estimator in ("k1", "k3"), f"grpo.kl_estimator must be k1 or k3, got {g.kl_estimator!r}")
-        _check(g.loss_agg in ("seq-mean", "token-mean"), f"grpo.loss_agg: seq-mean or token-mean, not {g.loss_agg!r}")
+        _check(
+            g.loss_agg in ("seq-mean", "token-mean"),
+            f"grpo.loss_agg: seq-mean or token-mean, not {g.loss_agg!r}",
+        )
         _check(g.ppo_epochs >= 1, "grpo.ppo_epochs (μ) must be ≥ 1")
         _check(g.kl_coef >= 0 and g.clip_eps > 0, "grpo.kl_coef must be ≥ 0 and grpo.clip_eps > 0")
-        _check(self.data.kind in ("imagereward", "hpdv2"), f"data.kind: imagereward or hpdv2, not {self.data.kind!r}")
-        _check(t.lr_schedule in ("constant", "cosine", "linear"), f"unknown train.lr_schedule {t.lr_schedule!r}")
-        _check(self.model.dtype in ("float32", "bfloat16", "float16"), f"unknown model.dtype {self.model.dtype!r}")
+        _check(
+            self.data.kind in ("imagereward", "hpdv2"),
+            f"data.kind: imagereward or hpdv2, not {self.data.kind!r}",
+        )
+        _check(
+            t.lr_schedule in ("constant", "cosine", "linear"), f"unknown train.lr_schedule {t.lr_schedule!r}"
+        )
+        _check(
+            self.model.dtype in ("float32", "bfloat16", "float16"),
+            f"unknown model.dtype {self.model.dtype!r}",
+        )
         _check(self.eval.method in ("auto", "rating", "anchor"), f"unknown eval.method {self.eval.method!r}")
         _check(0 < self.data.pair_fraction <= 1, "data.pair_fraction must be in (0, 1]")
 

@@ -33,6 +33,10 @@ from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2VLImageProcessorPil,
 )
+from transformers.utils import logging as hf_logging
+
+# Our commands draw their own progress bars; transformers' per-load and per-save bars only add noise.
+hf_logging.disable_progress_bar()
 
 VISION_SPECIAL_TOKENS = (
     "<|vision_start|>",

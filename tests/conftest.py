@@ -28,3 +28,24 @@ def tiny(tiny_dir):
 def solid(colour: str, size: int = 64) -> Image.Image:
     """A plain RGB square of one colour."""
     return Image.new("RGB", (size, size), colour)
+
+
+@pytest.fixture(scope="session")
+def synthetic_ir(tmp_path_factory):
+    """A small synthetic ImageRewardDB folder (image-only colour task, seed 0)."""
+    from data.synthetic import write_imagereward
+
+    out = tmp_path_factory.mktemp("synthetic") / "imagereward"
+    write_imagereward(out, prompts=16, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cold_tiny_dir(tiny_dir, synthetic_ir, tmp_path_factory):
+    """The tiny model after a short format-only cold start (random answers), so rewards vary."""
+    from data.imagereward import read_train
+    from grpo.coldstart import cold_start
+
+    out = tmp_path_factory.mktemp("cold") / "model"
+    return cold_start(str(tiny_dir), read_train(synthetic_ir), str(out), steps=60, batch_size=8, lr=2e-3,
+                      progress=False)  # fmt: skip

@@ -1,0 +1,73 @@
+"""The trainable policy and its frozen reference.
+
+Two ways to train, chosen by ``model.lora_rank``:
+
+- **LoRA** (``lora_rank > 0``, peft): adapters on the language model's projections (and on the
+  vision blocks when ``freeze_vision`` is off). The reference policy is the same model with its
+  adapters disabled, so no second copy of the weights is needed: with adapters off the model is
+  exactly the checkpoint it started from.
+- **Full fine-tuning** (``lora_rank = 0``): every language-model weight trains (the vision tower
+  too unless ``freeze_vision``); the reference is a separate frozen copy loaded from the original
+  checkpoint (no grad, eval mode, never updated). With β = 0 no reference is loaded at all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from grpo.config import LANGUAGE_LORA_TARGET, VISION_LORA_TARGET, Config
+from models.qwen_vl import load_policy
+
+
+def build_policy(cfg: Config, device: torch.device, resume_from: Path | None = None):
+    """``(policy, reference or None, processor)``; weights from ``resume_from`` when resuming."""
+    m = cfg.model
+    kwargs = dict(dtype=m.dtype, device=device, attn_implementation=m.attn_implementation or None)
+    full_ft = m.lora_rank == 0
+    source = str(resume_from) if (resume_from is not None and full_ft) else m.name_or_path
+    policy, processor = load_policy(source, **kwargs)
+    if m.min_pixels:
+        processor.image_processor.size["shortest_edge"] = m.min_pixels
+    if m.max_pixels:
+        processor.image_processor.size["longest_edge"] = m.max_pixels
+
+    reference = None
+    if full_ft:
+        if m.freeze_vision:
+            policy.model.visual.requires_grad_(False)
+        if cfg.grpo.kl_coef > 0:
+            reference, _ = load_policy(m.name_or_path, **kwargs)
+            reference.eval().requires_grad_(False)
+    else:
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+        target = (
+            LANGUAGE_LORA_TARGET if m.freeze_vision else f"({LANGUAGE_LORA_TARGET})|({VISION_LORA_TARGET})"
+        )
+        lora = LoraConfig(
+            r=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, target_modules=target
+        )
+        policy = get_peft_model(policy, lora)
+        if resume_from is not None:
+            from safetensors.torch import load_file
+
+            result = set_peft_model_state_dict(policy, load_file(resume_from / "adapter_model.safetensors"))
+            assert not result.unexpected_keys, f"adapter keys not in the model: {result.unexpected_keys[:3]}"
+    if m.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.config.use_cache = False
+    return policy, reference, processor
+
+
+@torch.no_grad()
+def reference_logprobs(policy, reference, buffer, minibatch_size: int, temperature: float) -> torch.Tensor:
+    """log π_ref of the buffered completions, (N, T): the frozen copy, or LoRA with adapters off."""
+    from grpo.rollout import buffer_logprobs
+
+    if reference is not None:
+        return buffer_logprobs(reference, buffer, minibatch_size, temperature)
+    assert hasattr(policy, "disable_adapter"), "β > 0 needs a reference: LoRA or a frozen copy"
+    with policy.disable_adapter():
+        return buffer_logprobs(policy, buffer, minibatch_size, temperature)

@@ -1,0 +1,110 @@
+"""Group sampling and the rollout buffer.
+
+One GRPO step samples ``G`` completions for each of ``B`` prompts with a single batched
+``generate`` call, scores them, and keeps everything the update passes need in a
+``RolloutBuffer``:
+
+| field          | shape   | meaning |
+|----------------|---------|---------|
+| inputs         | B rows  | left-padded prompt tokens + packed ``pixel_values (P, D)`` / ``image_grid_thw (I, 3)`` |
+| ids_NT         | (N, T)  | completion tokens, right padded; row n belongs to prompt n // G |
+| mask_NT        | (N, T)  | 1 on real completion tokens (the end-of-turn token included) |
+| rewards_N      | (N,)    | weighted total reward; ``components`` holds each unweighted part |
+| advantages_N   | (N,)    | group-normalised rewards |
+| old_logp_NT    | (N, T)  | log π_θold, stored only when μ > 1 |
+| ref_logp_NT    | (N, T)  | log π_ref, stored only when β > 0 |
+
+``N = B·G``. Minibatches are sets of completion rows; their prompt rows (and so their packed
+images) are sliced from ``inputs`` with ``models.qwen_vl.select_rows``, never by position in
+``pixel_values``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from data.prompts import messages_for
+from data.types import TrainSample
+from models.qwen_vl import build_inputs, completion_logprobs, render_prompt, select_rows
+
+
+@dataclass
+class RolloutBuffer:
+    inputs: dict[str, torch.Tensor]
+    group_size: int
+    ids_NT: torch.Tensor
+    mask_NT: torch.Tensor
+    texts: list[str]
+    truncated_N: torch.Tensor
+    samples: list[TrainSample]
+    rewards_N: torch.Tensor | None = None
+    components: dict[str, torch.Tensor] = field(default_factory=dict)
+    advantages_N: torch.Tensor | None = None
+    old_logp_NT: torch.Tensor | None = None
+    ref_logp_NT: torch.Tensor | None = None
+
+    @property
+    def num_completions(self) -> int:
+        return self.ids_NT.shape[0]
+
+    def targets_N(self) -> list[int]:
+        """The target of each completion: its prompt's human answer, repeated G times."""
+        return [s.target for s in self.samples for _ in range(self.group_size)]
+
+    def minibatches(self, size: int) -> Iterator[Minibatch]:
+        """Consecutive slices of ``size`` completions, with their prompt rows and images."""
+        for start in range(0, self.num_completions, size):
+            rows = torch.arange(start, min(start + size, self.num_completions))
+            yield self.minibatch(rows)
+
+    def minibatch(self, rows: torch.Tensor) -> Minibatch:
+        def pick(t):
+            return None if t is None else t[rows]
+
+        return Minibatch(
+            rows=rows,
+            inputs=select_rows(self.inputs, rows // self.group_size),
+            ids_NT=self.ids_NT[rows],
+            mask_NT=self.mask_NT[rows],
+            advantages_N=pick(self.advantages_N),
+            old_logp_NT=pick(self.old_logp_NT),
+            ref_logp_NT=pick(self.ref_logp_NT),
+        )
+
+
+@dataclass
+class Minibatch:
+    rows: torch.Tensor
+    inputs: dict[str, torch.Tensor]
+    ids_NT: torch.Tensor
+    mask_NT: torch.Tensor
+    advantages_N: torch.Tensor | None
+    old_logp_NT: torch.Tensor | None
+    ref_logp_NT: torch.Tensor | None
+
+
+def encode_samples(
+    processor,
+    samples: list[TrainSample],
+    images: list[list[Image.Image]],
+    rating_values: tuple[int, ...] | None,
+) -> dict[str, torch.Tensor]:
+    """The chat prompts of B training samples with their decoded images, as one padded batch."""
+    texts = [
+        render_prompt(processor, messages_for(s.task, s.prompt, len(ims), rating_values or ()))
+        for s, ims in zip(samples, images, strict=True)
+    ]
+    return build_inputs(processor, texts, images)
+
+
+@torch.no_grad()
+def buffer_logprobs(model, buffer: RolloutBuffer, minibatch_size: int, temperature: float) -> torch.Tensor:
+    """log π(y_t | …) of every buffered completion under ``model``, without gradients, (N, T)."""
+    out = torch.zeros(buffer.ids_NT.shape, dtype=torch.float32, device=buffer.ids_NT.device)
+    for mb in buffer.minibatches(minibatch_size):
+        out[mb.rows] = completion_logprobs(model, mb.inputs, mb.ids_NT, mb.mask_NT, temperature).float()
+    return out

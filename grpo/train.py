@@ -1,0 +1,414 @@
+"""GRPO training of a Qwen2.5-VL preference judge: ``python -m grpo.train CONFIG.yaml [key=value ...]``.
+
+One step, in the order of the paper (arXiv 2503.19948 §3, after DeepSeekMath's GRPO):
+
+1. sample B prompts and G completions for each, in one batched ``generate``;
+2. score every completion with the task's rewards (format + exact [+ approximate]);
+3. normalise rewards within each group: A_i = (r_i − mean) / (std + 1e-4);
+4. compute log π_ref (β > 0) and log π_θold (μ > 1) without gradients;
+5. run μ passes of the clipped objective with a KL penalty (``grpo.loss``), one AdamW step each;
+6. log, evaluate, checkpoint.
+
+Under ``torchrun`` every rank samples whole groups of its own prompts (so advantages stay
+local) and DDP averages the gradients, so every rank holds the same weights.
+
+Deviations from the paper, on purpose: the KL term uses the k3 estimator by default
+(``grpo.loss``); the group std is the unbiased one (``grpo.advantages``); log-probs of a
+minibatch are aggregated within the minibatch, so ``token-mean`` is exact only when one
+minibatch holds the whole batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter, defaultdict
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data.images import BadImageError
+from data.prompts import answer_values
+from grpo.advantages import group_advantages, group_stats
+from grpo.checkpoint import load_trainer_state, resolve_resume, save_checkpoint
+from grpo.config import Config, ConfigError, load_config, save_config
+from grpo.loss import grpo_loss
+from grpo.policy import build_policy, reference_logprobs
+from grpo.rewards import compute_rewards
+from grpo.rollout import RolloutBuffer, buffer_logprobs, encode_samples
+from models.qwen_vl import completion_logprobs, sample_completions
+from models.soft_head import unwrap
+
+DATA_HELP = {
+    "imagereward": "download THUDM/ImageRewardDB (metadata-*.parquet and images/{train,validation,test}/*.zip) "
+    "into that folder, e.g. `huggingface-cli download THUDM/ImageRewardDB --repo-type dataset --local-dir DIR`",
+    "hpdv2": "download ymhao/HPDv2 (train.json, test.json and the train/ and test/ image folders) into that folder, "
+    "e.g. `huggingface-cli download ymhao/HPDv2 --repo-type dataset --local-dir DIR` and extract the image archives",
+}
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+class SampleStream:
+    """The training order of one rank: a fresh seeded permutation every epoch, rank r of W
+    taking every W-th sample. ``position`` (samples consumed by this rank) is all its state."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, position: int = 0):
+        self.n, self.seed, self.rank, self.world, self.position = n, seed, rank, world, position
+        self._epoch, self._order = -1, None
+
+    def next_index(self) -> int:
+        k = self.position * self.world + self.rank  # global index in the endless sequence of epochs
+        epoch, i = divmod(k, self.n)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        self.position += 1
+        return int(self._order[i])
+
+
+def next_batch(stream: SampleStream, samples: list, size: int, skipped: Counter) -> tuple[list, list]:
+    """``size`` samples with decoded images; samples whose images fail to decode are skipped."""
+    batch, images, failures = [], [], 0
+    while len(batch) < size:
+        sample = samples[stream.next_index()]
+        try:
+            images.append([ref.load() for ref in sample.images])
+        except BadImageError as e:
+            skipped["bad image"] += 1
+            failures += 1
+            tqdm.write(f"skipped sample {sample.sample_id}: {e}")
+            if failures > 10 * size + 100:
+                raise RuntimeError(
+                    "too many undecodable images in a row; is the dataset folder intact?"
+                ) from e
+            continue
+        batch.append(sample)
+    return batch, images
+
+
+def read_train_set(cfg: Config):
+    """The training samples of ``data.kind`` from ``data.root``."""
+    d = cfg.data
+    if d.kind == "imagereward":
+        from data.imagereward import read_train
+
+        train_set = read_train(d.root, split=d.split, subset=d.subset or None, rating_field=d.rating_field)
+    else:
+        from data.hpdv2 import read_train
+
+        train_set = read_train(d.root, fraction=d.pair_fraction, seed=d.seed)
+    if d.max_samples:
+        train_set.samples = train_set.samples[: d.max_samples]
+    if not train_set.samples:
+        raise SystemExit(f"no usable training samples in {d.root} (skipped: {dict(train_set.skipped)})")
+    return train_set
+
+
+def read_eval_groups(cfg: Config) -> list:
+    root = cfg.eval.root or cfg.data.root
+    if cfg.data.kind == "imagereward":
+        from data.imagereward import read_eval
+
+        groups = read_eval(root, split=cfg.eval.split).groups
+    else:
+        from data.hpdv2 import read_eval
+
+        groups = read_eval(root).groups
+    return groups[: cfg.eval.max_groups] if cfg.eval.max_groups else groups
+
+
+def check_data_folder(cfg: Config) -> None:
+    """Fail with instructions before any model is loaded if the dataset folder is missing."""
+    for root in {cfg.data.root, cfg.eval.root or cfg.data.root}:
+        if not Path(root).is_dir():
+            raise SystemExit(f"dataset folder {root!r} not found: {DATA_HELP[cfg.data.kind]}, "
+                             f"or point data.root=... at it")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int, schedule: str) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then constant / cosine (to 10%) / linear (to 0)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    if schedule == "linear":
+        return peak * max(0.0, 1 - progress)
+    return peak
+
+
+@contextmanager
+def timed(timings: dict, key: str):
+    start = time.perf_counter()
+    yield
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def autocast(cfg: Config, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.bf16 else nullcontext()
+
+
+# ------------------------------------------------------------------------------ the GRPO step
+
+
+def grpo_step(
+    policy, ddp_policy, reference, processor, optimizer, samples, images, rating_values, cfg, device
+):
+    """One GRPO step on B samples; returns the filled rollout buffer and the step's metrics."""
+    g, task = cfg.grpo, samples[0].task
+    B, G = len(samples), g.group_size
+    valid = answer_values(task, rating_values or ())
+    t = {}
+
+    # 1. Sample B prompts × G completions with one batched generate.
+    with timed(t, "generate"), autocast(cfg, device):
+        inputs = to_device(encode_samples(processor, samples, images, rating_values), device)
+        policy.eval()
+        comp = sample_completions(policy, processor, inputs, G, g.max_new_tokens, g.temperature)
+    buf = RolloutBuffer(inputs, G, comp.ids_NT, comp.mask_NT, comp.texts, comp.truncated_N, samples)
+
+    # 2. Rewards of every completion, and 3. group-normalised advantages.
+    with timed(t, "score"):
+        buf.rewards_N, buf.components = compute_rewards(
+            buf.texts, buf.targets_N(), task, valid, g.reward_weights
+        )
+        rewards_BG = buf.rewards_N.view(B, G)
+        buf.advantages_N = group_advantages(rewards_BG).flatten().to(device)  # (N,)
+
+    # 4. Log-probs without gradients: the frozen reference (β > 0) and the sampling policy (μ > 1).
+    with timed(t, "reference"), autocast(cfg, device):
+        if g.kl_coef > 0:
+            buf.ref_logp_NT = reference_logprobs(policy, reference, buf, g.minibatch_size, g.temperature)
+        if g.ppo_epochs > 1:
+            buf.old_logp_NT = buffer_logprobs(policy, buf, g.minibatch_size, g.temperature)
+
+    # 5. μ passes of the clipped objective, one optimizer step each.
+    with timed(t, "update"):
+        policy.train()
+        for _ in range(g.ppo_epochs):
+            stats = update_pass(ddp_policy, optimizer, buf, cfg, device)
+
+    lengths = buf.mask_NT.sum(dim=1).float()
+    metrics = {
+        **group_stats(rewards_BG),
+        **{f"reward/{k}": float(v.mean()) for k, v in buf.components.items()},
+        **stats,
+        "adv_std": float(buf.advantages_N.std()),
+        "adv_abs_max": float(buf.advantages_N.abs().max()),
+        "completion_len_mean": float(lengths.mean()),
+        "completion_len_max": float(lengths.max()),
+        "frac_truncated": float(buf.truncated_N.float().mean()),
+        **{f"time/{k}": v for k, v in t.items()},
+        "tokens_per_s": float(lengths.sum()) / max(sum(t.values()), 1e-9),
+    }
+    return buf, metrics
+
+
+def update_pass(model, optimizer, buf: RolloutBuffer, cfg: Config, device) -> dict:
+    """One pass of the clipped GRPO objective over the buffer: accumulate, clip, step."""
+    g = cfg.grpo
+    optimizer.zero_grad(set_to_none=True)
+    minibatches = list(buf.minibatches(g.minibatch_size))
+    sums, lo, hi = defaultdict(float), math.inf, -math.inf
+    for i, mb in enumerate(minibatches):
+        last = i == len(minibatches) - 1
+        sync = model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
+        weight = len(mb.rows) / buf.num_completions
+        with sync, autocast(cfg, device):
+            logp_NT = completion_logprobs(model, mb.inputs, mb.ids_NT, mb.mask_NT, g.temperature)
+            loss, stats = grpo_loss(logp_NT, mb.old_logp_NT, mb.ref_logp_NT, mb.advantages_N, mb.mask_NT,
+                                    g.clip_eps, g.kl_coef, g.kl_estimator, g.loss_agg)  # fmt: skip
+            (loss * weight).backward()
+        for key in ("loss", "kl", "clip_frac", "ratio_mean"):
+            sums[key] += stats[key] * weight
+        lo, hi = min(lo, stats["ratio_min"]), max(hi, stats["ratio_max"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+    optimizer.step()
+    return {**sums, "ratio_min": lo, "ratio_max": hi, "grad_norm": float(grad_norm)}
+
+
+# ----------------------------------------------------------------------------------- the loop
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """Rank, world size and device; initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def average_across_ranks(metrics: dict, world: int) -> dict:
+    if world == 1:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: v / world for k, v in zip(keys, t.tolist())}
+
+
+def train(cfg: Config) -> Path:
+    """Run GRPO as configured; return the folder of the final checkpoint."""
+    rank, world, device = setup_distributed(cfg.train.device)
+    out = Path(cfg.train.output_dir)
+    train_set = read_train_set(cfg)
+    eval_groups = read_eval_groups(cfg) if cfg.eval.every else []
+    ckpt = resolve_resume(cfg.train.resume, out)
+
+    torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank (DDP also broadcasts it)
+    policy, reference, processor = build_policy(cfg, device, resume_from=ckpt)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    ddp_policy = policy
+    if world > 1:
+        ddp_policy = torch.nn.parallel.DistributedDataParallel(
+            policy, device_ids=[device.index] if device.index is not None else None
+        )
+
+    start, positions = 0, [0] * world
+    torch.manual_seed(cfg.train.seed + rank)  # each rank samples its own completions
+    if ckpt is not None:  # restores the optimizer and this rank's RNG streams
+        state = load_trainer_state(ckpt, optimizer, rank)
+        start, positions = state["step"], state["data_positions"]
+        if len(positions) != world:
+            raise SystemExit(f"{ckpt} was written by {len(positions)} process(es); resume it with as many")
+    stream = SampleStream(len(train_set.samples), cfg.train.seed, rank, world, positions[rank])
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        print(f"training on {len(train_set.samples)} samples ({cfg.data.kind}, skipped {dict(train_set.skipped)}), "
+              f"{world} process(es), device {device}, from step {start}", file=sys.stderr)  # fmt: skip
+    skipped = Counter()
+    bar = tqdm(
+        range(start, cfg.train.steps), initial=start, total=cfg.train.steps, disable=rank != 0, desc="grpo"
+    )
+    for step in bar:
+        lr = lr_at(step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps, cfg.train.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        samples, images = next_batch(stream, train_set.samples, cfg.grpo.prompts_per_step, skipped)
+        buf, metrics = grpo_step(policy, ddp_policy, reference, processor, optimizer, samples, images,
+                                 train_set.rating_values, cfg, device)  # fmt: skip
+        metrics = average_across_ranks({**metrics, "skipped_images": skipped["bad image"]}, world)
+        metrics = {"step": step + 1, "lr": lr, **metrics}
+        if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.train.steps):
+            metrics.update(
+                run_eval(policy, processor, eval_groups, train_set.rating_values, cfg, step + 1, rank, world)
+            )
+        if rank == 0:
+            log_step(out, metrics, buf, cfg.train.log_completions)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}",
+                            fmt=f"{metrics.get('reward/format', 0):.2f}", len=f"{metrics['completion_len_mean']:.0f}")  # fmt: skip
+        last = step + 1 == cfg.train.steps
+        if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+            rank_states = gather_rank_states(policy, stream.position, world)
+            if rank == 0:
+                save_checkpoint(out, step + 1, policy, processor, optimizer, rank_states, cfg,
+                                        cfg.train.keep_last, cfg.train.save_merged)  # fmt: skip
+    if world > 1:
+        dist.barrier()
+    return out / f"checkpoint-{cfg.train.steps:06d}"
+
+
+def gather_rank_states(policy, position: int, world: int) -> list[dict]:
+    """Each rank's data position, RNG states and a weight checksum, collected on every rank.
+
+    The checksums (the float64 sum of every trainable weight) must agree: DDP keeps ranks in sync.
+    """
+    checksum = sum(float(p.detach().double().sum()) for p in policy.parameters() if p.requires_grad)
+    mine = {"position": position, "torch": torch.get_rng_state(), "checksum": checksum}
+    if torch.cuda.is_available():
+        mine["cuda"] = torch.cuda.get_rng_state()
+    if world == 1:
+        return [mine]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)  # pickles in transit between our own processes only
+    return gathered
+
+
+def run_eval(policy, processor, groups, rating_values, cfg: Config, step: int, rank: int, world: int) -> dict:
+    """Held-out evaluation on rank 0 (the others wait); returns ``eval/…`` metrics."""
+    report = {}
+    if rank == 0:
+        from eval.evaluate import evaluate
+
+        policy.eval()
+        report = evaluate(unwrap(policy), processor, groups, cfg.data.kind, rating_values, cfg.eval,
+                          cfg.eval.max_new_tokens or cfg.grpo.max_new_tokens, progress=False)  # fmt: skip
+    if world > 1:
+        dist.barrier()
+    return {f"eval/{k}": v for k, v in flatten(report).items() if isinstance(v, (int, float))}
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def log_step(out: Path, metrics: dict, buf: RolloutBuffer, n_completions: int) -> None:
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps(metrics) + "\n")
+    with open(out / "completions.jsonl", "a") as fh:
+        for n in range(min(n_completions, buf.num_completions)):
+            sample = buf.samples[n // buf.group_size]
+            row = {"step": metrics["step"], "sample_id": sample.sample_id, "target": sample.target,
+                   "text": buf.texts[n], "reward": float(buf.rewards_N[n]),
+                   **{k: float(v[n]) for k, v in buf.components.items()}}  # fmt: skip
+            fh.write(json.dumps(row) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("config", help="experiment YAML, e.g. experiments/imagereward.yaml")
+    parser.add_argument(
+        "overrides", nargs="*", help="section.key=value, e.g. grpo.group_size=4 train.lr=3e-6"
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        parser.exit(2, f"error: {e}\n")
+    check_data_folder(cfg)
+    final = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {final}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
