@@ -9,7 +9,7 @@ TINY    := $(RUNS)/tiny-model
 .PHONY: help install test lint format demo train-imagereward train-hpsv2 eval-imagereward eval-hpsv2 bench tiny-model
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
 
 $(STAMP): requirements.lock setup.py
 	test -d .venv || python3 -m venv .venv
@@ -35,5 +35,22 @@ format: $(STAMP)  ## apply ruff's formatting and safe fixes
 tiny-model: $(STAMP)  ## build the tiny offline Qwen2.5-VL into runs/tiny-model
 	$(PY) -m models.tiny $(TINY)
 
-demo: $(STAMP)  ## the whole method end to end on CPU with the tiny model
-	$(PY) -m models.tiny $(TINY)
+demo: $(STAMP)  ## the whole method end to end on CPU: tiny model, synthetic data, cold start, GRPO, evaluation
+	$(PY) experiments/demo.py --out $(RUNS)/demo
+
+# Real runs (GPU): MODEL=hub id or folder, DATA=dataset folder; extra key=value overrides in ARGS.
+train-imagereward: $(STAMP)  ## GRPO on ImageRewardDB (experiments/imagereward.yaml)
+	$(PY) -m grpo.train experiments/imagereward.yaml model.name_or_path=$(MODEL) $(if $(DATA),data.root=$(DATA) eval.root=$(DATA)) $(ARGS)
+
+train-hpsv2: $(STAMP)  ## GRPO on 25% of HPDv2's training pairs (experiments/hpsv2.yaml)
+	$(PY) -m grpo.train experiments/hpsv2.yaml model.name_or_path=$(MODEL) $(if $(DATA),data.root=$(DATA)) $(ARGS)
+
+eval-imagereward: $(STAMP)  ## soft/hard rating accuracy on the ImageReward test set
+	$(PY) -m eval.evaluate experiments/imagereward.yaml model.name_or_path=$(MODEL) eval.split=test eval.max_groups=0 $(if $(DATA),data.root=$(DATA) eval.root=$(DATA)) $(ARGS)
+
+eval-hpsv2: $(STAMP)  ## anchor-based soft ranking accuracy on the HPDv2 test set
+	$(PY) -m eval.evaluate experiments/hpsv2.yaml model.name_or_path=$(MODEL) eval.max_groups=0 $(if $(DATA),data.root=$(DATA) eval.root=$(DATA)) $(ARGS)
+
+bench: $(STAMP)  ## our GRPO step vs TRL's GRPOTrainer on the same workload (writes BENCHMARKS.md)
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) experiments/bench.py --out $(RUNS)/bench

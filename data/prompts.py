@@ -110,7 +110,9 @@ def parse_completion(text: str, valid_answers: tuple[int, ...]) -> ParsedComplet
         return ParsedCompletion(False, None, _reasoning_of(text))
     reasoning = m.group("think").strip()
     raw = m.group("answer").strip()
-    if not re.fullmatch(r"0|[1-9][0-9]*", raw) or int(raw) not in valid_answers:  # ASCII, no sign, no 0-padding
+    if (
+        not re.fullmatch(r"0|[1-9][0-9]*", raw) or int(raw) not in valid_answers
+    ):  # ASCII, no sign, no 0-padding
         return ParsedCompletion(False, None, reasoning)
     return ParsedCompletion(True, int(raw), reasoning)
 

@@ -31,16 +31,20 @@ class ImageRef:
         return f"{self.path}::{self.member}" if self.member else self.path
 
     def load(self) -> Image.Image:
-        """Decode the image and normalise it for the processor (see ``data.images``)."""
-        from data.images import normalize_image  # local import: data.images imports this module
+        """Decode the image and normalise it for the processor (see ``data.images``).
 
-        if self.member is None:
-            with Image.open(Path(self.path)) as im:
+        Raises ``data.images.BadImageError`` (a ``ValueError``) naming the file if it cannot be decoded.
+        """
+        from data.images import decode_errors_as_bad_image, normalize_image  # local: keeps this module light
+
+        with decode_errors_as_bad_image(str(self)):
+            if self.member is None:
+                with Image.open(Path(self.path)) as im:
+                    im.load()
+                    return normalize_image(im, source=str(self))
+            with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as fh, Image.open(fh) as im:
                 im.load()
                 return normalize_image(im, source=str(self))
-        with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as fh, Image.open(fh) as im:
-            im.load()
-            return normalize_image(im, source=str(self))
 
 
 @dataclass(frozen=True)
