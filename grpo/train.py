@@ -297,6 +297,8 @@ def train(cfg: Config) -> Path:
         start, positions = state["step"], state["data_positions"]
         if len(positions) != world:
             raise SystemExit(f"{ckpt} was written by {len(positions)} process(es); resume it with as many")
+        if rank == 0:
+            drop_logs_after(out, start)
     stream = SampleStream(len(train_set.samples), cfg.train.seed, rank, world, positions[rank])
 
     if rank == 0:
@@ -319,7 +321,7 @@ def train(cfg: Config) -> Path:
         metrics = {"step": step + 1, "lr": lr, **metrics}
         if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.train.steps):
             metrics.update(
-                run_eval(policy, processor, eval_groups, train_set.rating_values, cfg, step + 1, rank, world)
+                run_eval(policy, processor, eval_groups, train_set.rating_values, cfg, rank, world)
             )
         if rank == 0:
             log_step(out, metrics, buf, cfg.train.log_completions)
@@ -352,15 +354,20 @@ def gather_rank_states(policy, position: int, world: int) -> list[dict]:
     return gathered
 
 
-def run_eval(policy, processor, groups, rating_values, cfg: Config, step: int, rank: int, world: int) -> dict:
-    """Held-out evaluation on rank 0 (the others wait); returns ``eval/…`` metrics."""
+def run_eval(policy, processor, groups, rating_values, cfg: Config, rank: int, world: int) -> dict:
+    """Held-out evaluation on rank 0 (the others wait); returns ``eval/…`` metrics.
+
+    It runs on a forked RNG, so evaluating does not change the training run's random stream.
+    """
     report = {}
     if rank == 0:
         from eval.evaluate import evaluate
 
         policy.eval()
-        report = evaluate(unwrap(policy), processor, groups, cfg.data.kind, rating_values, cfg.eval,
-                          cfg.eval.max_new_tokens or cfg.grpo.max_new_tokens, progress=False)  # fmt: skip
+        device = next(policy.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            report = evaluate(unwrap(policy), processor, groups, cfg.data.kind, rating_values, cfg.eval,
+                              cfg.eval.max_new_tokens or cfg.grpo.max_new_tokens, progress=False)  # fmt: skip
     if world > 1:
         dist.barrier()
     return {f"eval/{k}": v for k, v in flatten(report).items() if isinstance(v, (int, float))}
@@ -374,6 +381,15 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def drop_logs_after(out: Path, step: int) -> None:
+    """On resume, forget log lines of steps after the checkpoint (they will be run again)."""
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        path = out / name
+        if path.exists():
+            lines = path.read_text().splitlines(keepends=True)
+            path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
 
 
 def log_step(out: Path, metrics: dict, buf: RolloutBuffer, n_completions: int) -> None:
