@@ -11,7 +11,9 @@ setup(
     name="visual-preference-grpo",
     version="0.1.0",
     description="GRPO-trained Qwen2.5-VL reward models with soft scores (arXiv 2503.19948)",
-    packages=find_packages(include=["grpo", "grpo.*", "models", "models.*", "data", "data.*", "eval", "eval.*"]),
+    packages=find_packages(
+        include=["grpo", "grpo.*", "models", "models.*", "data", "data.*", "eval", "eval.*"]
+    ),
     python_requires=">=3.10",
     install_requires=[
         "torch==2.13.0",

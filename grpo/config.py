@@ -90,6 +90,11 @@ class GRPOConfig:
     """Loss aggregation: seq-mean (per completion, then mean) | token-mean."""
     reward_weights: dict[str, float] = field(default_factory=dict)
     """Weight of each reward component (format, exact, approx); missing ones weigh 1."""
+    share_prefix: bool = True
+    """Run each prompt and its images through the model once per group, not G times: sampling
+    prefills it once and its G completions share the KV cache, and the log-prob passes attend
+    the completions to one prompt forward. Same values and gradients (to float rounding); off
+    repeats every prompt G times, as ``generate(num_return_sequences=G)`` does."""
 
 
 @dataclass

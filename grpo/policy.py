@@ -56,10 +56,11 @@ def build_policy(cfg: Config, device: torch.device, resume_from: Path | None = N
             result = set_peft_model_state_dict(policy, load_file(resume_from / "adapter_model.safetensors"))
             assert not result.unexpected_keys, f"adapter keys not in the model: {result.unexpected_keys[:3]}"
     if m.gradient_checkpointing:
-        enable = (
-            getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
-        )
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed gradient checkpointing to activation checkpointing (and its kwargs).
+        if hasattr(policy, "activation_checkpointing_enable"):
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.config.use_cache = False
     return policy, reference, processor
 

@@ -46,6 +46,7 @@ class RolloutBuffer:
     advantages_N: torch.Tensor | None = None
     old_logp_NT: torch.Tensor | None = None
     ref_logp_NT: torch.Tensor | None = None
+    share_prefix: bool = False  # minibatches hold each prompt once (see Minibatch.prompt_rows)
 
     @property
     def num_completions(self) -> int:
@@ -65,9 +66,13 @@ class RolloutBuffer:
         def pick(t):
             return None if t is None else t[rows]
 
+        prompts, prompt_rows = rows // self.group_size, None
+        if self.share_prefix:  # each prompt once; completion i continues prompt row prompt_rows[i]
+            prompts, prompt_rows = torch.unique_consecutive(prompts, return_inverse=True)
         return Minibatch(
             rows=rows,
-            inputs=select_rows(self.inputs, rows // self.group_size),
+            inputs=select_rows(self.inputs, prompts),
+            prompt_rows=prompt_rows,
             ids_NT=self.ids_NT[rows],
             mask_NT=self.mask_NT[rows],
             advantages_N=pick(self.advantages_N),
@@ -80,6 +85,7 @@ class RolloutBuffer:
 class Minibatch:
     rows: torch.Tensor
     inputs: dict[str, torch.Tensor]
+    prompt_rows: torch.Tensor | None  # None: one prompt row per completion; else its row in inputs
     ids_NT: torch.Tensor
     mask_NT: torch.Tensor
     advantages_N: torch.Tensor | None
@@ -106,5 +112,6 @@ def buffer_logprobs(model, buffer: RolloutBuffer, minibatch_size: int, temperatu
     """log π(y_t | …) of every buffered completion under ``model``, without gradients, (N, T)."""
     out = torch.zeros(buffer.ids_NT.shape, dtype=torch.float32, device=buffer.ids_NT.device)
     for mb in buffer.minibatches(minibatch_size):
-        out[mb.rows] = completion_logprobs(model, mb.inputs, mb.ids_NT, mb.mask_NT, temperature).float()
+        logp_NT = completion_logprobs(model, mb.inputs, mb.ids_NT, mb.mask_NT, temperature, mb.prompt_rows)
+        out[mb.rows] = logp_NT.float()
     return out

@@ -180,8 +180,10 @@ def grpo_step(
     with timed(t, "generate"), autocast(cfg, device):
         inputs = to_device(encode_samples(processor, samples, images, rating_values), device)
         policy.eval()
-        comp = sample_completions(policy, processor, inputs, G, g.max_new_tokens, g.temperature)
-    buf = RolloutBuffer(inputs, G, comp.ids_NT, comp.mask_NT, comp.texts, comp.truncated_N, samples)
+        comp = sample_completions(policy, processor, inputs, G, g.max_new_tokens, g.temperature,
+                                  share_prefix=g.share_prefix)  # fmt: skip
+    buf = RolloutBuffer(inputs, G, comp.ids_NT, comp.mask_NT, comp.texts, comp.truncated_N, samples,
+                        share_prefix=g.share_prefix)  # fmt: skip
 
     # 2. Rewards of every completion, and 3. group-normalised advantages.
     with timed(t, "score"):
@@ -231,7 +233,9 @@ def update_pass(model, optimizer, buf: RolloutBuffer, cfg: Config, device) -> di
         sync = model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
         weight = len(mb.rows) / buf.num_completions
         with sync, autocast(cfg, device):
-            logp_NT = completion_logprobs(model, mb.inputs, mb.ids_NT, mb.mask_NT, g.temperature)
+            logp_NT = completion_logprobs(
+                model, mb.inputs, mb.ids_NT, mb.mask_NT, g.temperature, mb.prompt_rows
+            )
             loss, stats = grpo_loss(logp_NT, mb.old_logp_NT, mb.ref_logp_NT, mb.advantages_N, mb.mask_NT,
                                     g.clip_eps, g.kl_coef, g.kl_estimator, g.loss_agg)  # fmt: skip
             (loss * weight).backward()

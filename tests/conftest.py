@@ -25,6 +25,15 @@ def tiny(tiny_dir):
     return model, processor
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from threads; on a shared 2-core machine they cost 5-25×."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def solid(colour: str, size: int = 64) -> Image.Image:
     """A plain RGB square of one colour."""
     return Image.new("RGB", (size, size), colour)

@@ -1,0 +1,381 @@
+"""Evaluate a preference judge on ImageReward's or HPDv2's test prompts: ``python -m eval.evaluate CONFIG.yaml``.
+
+    python -m eval.evaluate experiments/imagereward.yaml model.name_or_path=runs/ir/checkpoint-001000 eval.k=3
+    python -m eval.evaluate experiments/hpsv2.yaml data.root=/data/HPDv2 --method round-robin --debias
+
+Every image of every test prompt gets a **soft** and a **hard** score (``eval.score``) from
+``eval.k`` reasoning rollouts, by one of three methods: ``rating`` (default for ImageReward:
+E[r|C] over the rating scale), ``anchor`` (default for HPDv2: p(j ≻ anchor), the anchor 0.5) or
+``round-robin`` (all pairs, Bradley–Terry). Both official protocols are reported for every
+score (DESIGN §7): ``imagereward_accuracy`` (pooled pairs, model ties wrong), ``hpsv2_accuracy``
+(per-prompt inversions, ties by index), plus ``pairwise_accuracy`` (model ties half right).
+
+**Mean@k**: a run with k > 1 rollouts reports both Mean@1 (the first rollout of every request)
+and Mean@k, under the keys ``soft@1``, ``hard@1``, ``soft@k``, ``hard@k``. The paper's Table 1
+(Mean@1 / Mean@3) therefore needs one run with ``eval.k=3``.
+
+Choices made here:
+- ``rating`` on HPDv2 is allowed (a zero-shot judge can rate on any scale) but needs a scale:
+  ``--scale 1-7``. On ImageRewardDB the scale is read from the training metadata
+  (``data.root``, ``data.split``), as training does, else from the evaluation split.
+- An image that fails to decode is dropped from its prompt and counted (``skipped``); a prompt
+  left with fewer than two images is dropped and counted. Nothing crashes on bad data.
+- ``soft_spread`` is the std of all images' soft scores (Mean@k): near 0 means the judge gives
+  every image the same score, the collapse GRPO drifts into on a task it cannot perceive.
+- Sampling is seeded from ``eval.seed`` inside ``torch.random.fork_rng``: the same seed gives
+  the same scores, and the caller's RNG stream (e.g. the train loop's) is left untouched.
+
+Writes ``report.json``, ``predictions.jsonl`` (per prompt: the images, human ranks, anchor,
+every image score, and each request's image indices, rollout texts and per-rollout scores) and
+``summary.md`` (a markdown table) into ``--out`` (default
+``runs/eval/<model folder>-<kind>-<split>-<method>-k<k>``). The report's keys:
+
+- ``metrics[score][protocol]`` for score in soft@1, hard@1 (+ soft@k, hard@k) and protocol in
+  imagereward_accuracy, hpsv2_accuracy, pairwise_accuracy (None if every pair is a human tie);
+- ``label``, ``model``, ``kind``, ``method``, ``debias``, ``k``, ``seed``, ``temperature``,
+  ``max_new_tokens``, ``batch_size``, ``rating_values``, ``primary_metric`` (the set's protocol);
+- counts ``n_groups``, ``n_groups_input``, ``n_images``, ``n_requests``, ``n_rollouts``,
+  ``pairs``, ``human_ties``, ``skipped`` (reason → count), ``n_skipped``, ``skipped_reading``;
+- ``format_rate`` (well-formed rollouts), ``fallback_rate`` (soft scores read after an appended
+  answer prefix), ``soft_spread``, ``soft_spread_group`` (mean per-prompt std), ``wall_s``,
+  ``images_per_s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data.images import BadImageError
+from data.types import EvalGroup
+from eval.metrics import count_pairs, hpsv2_accuracy, imagereward_accuracy, pairwise_accuracy
+from grpo.config import ConfigError, EvalConfig, load_config
+
+# torch, transformers and the scoring code (eval.score) are imported where they are used, so that
+# --help and the data checks answer in a second instead of after the ~5 s it takes to import them.
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("rating", "anchor", "round-robin")  # = eval.score.METHODS (a test checks it)
+DEFAULT_METHOD = {"imagereward": "rating", "hpdv2": "anchor"}
+PRIMARY_METRIC = {"imagereward": "imagereward_accuracy", "hpdv2": "hpsv2_accuracy"}
+MAX_LOGGED_BAD_IMAGES = 10
+EVAL_DATA_HELP = {
+    "imagereward": "download the test split of THUDM/ImageRewardDB (metadata-test.parquet and images/test/*.zip) "
+    "into that folder, e.g. `huggingface-cli download THUDM/ImageRewardDB --repo-type dataset --local-dir DIR "
+    "--include 'metadata-*' 'images/test/*'`",
+    "hpdv2": "download ymhao/HPDv2's test.json and test images (extract the test image archive into DIR/test/), "
+    "e.g. `huggingface-cli download ymhao/HPDv2 --repo-type dataset --local-dir DIR`",
+}
+
+
+def resolve_method(method: str, kind: str) -> str:
+    """``auto`` → rating for ImageReward, anchor for HPDv2; otherwise one of ``METHODS``."""
+    method = DEFAULT_METHOD[kind] if method == "auto" else method
+    if method not in METHODS:
+        raise ValueError(f"unknown evaluation method {method!r}; expected auto or one of {METHODS}")
+    return method
+
+
+def accuracies(rankings: list[list[float]], scores: list[list[float]]) -> dict[str, float | None]:
+    """The three accuracies; the pooled ones are None when every pair is a human tie."""
+    untied = count_pairs(rankings)
+    defined = untied["pairs"] > untied["human_ties"]
+    return {
+        "imagereward_accuracy": imagereward_accuracy(rankings, scores) if defined else None,
+        "hpsv2_accuracy": hpsv2_accuracy(rankings, scores),
+        "pairwise_accuracy": pairwise_accuracy(rankings, scores) if defined else None,
+    }
+
+
+def evaluate(
+    model,
+    processor,
+    groups: list[EvalGroup],
+    kind: str,
+    rating_values: tuple[int, ...] | None,
+    cfg: EvalConfig,
+    max_new_tokens: int,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    *,
+    method: str | None = None,
+    debias: bool = False,
+    label: str = "",
+    model_name: str = "",
+    read_skipped: Counter | None = None,
+) -> dict:
+    """Score every group and return the report (see the module docstring); write files to ``out_dir``.
+
+    ``rating_values`` is the rating scale (method rating; ignored otherwise). ``method``
+    overrides ``cfg.method`` (and may be ``round-robin``); ``debias`` asks every comparison in
+    both orders. ``cfg.max_groups`` keeps the first N groups. ``label`` and ``model_name`` name
+    the model in the report; ``read_skipped`` (the reader's skip counts) is copied into it as
+    ``skipped_reading``. The model's train/eval mode and the global RNG state are restored.
+    """
+    from eval.score import ScoringSpec, score_groups, seeded
+
+    t0 = time.perf_counter()
+    if kind not in DEFAULT_METHOD:
+        raise ValueError(f"unknown dataset kind {kind!r}; expected one of {sorted(DEFAULT_METHOD)}")
+    method = resolve_method(method or cfg.method, kind)
+    scale = tuple(rating_values or ()) if method == "rating" else ()
+    spec = ScoringSpec(method, scale, cfg.k, max_new_tokens, cfg.temperature,
+                       cfg.batch_size, cfg.seed, debias)  # fmt: skip
+    groups = groups[: cfg.max_groups] if cfg.max_groups else list(groups)
+    skipped: Counter = Counter()
+    kept: list[tuple[EvalGroup, list[int]]] = []  # (group, indices of its usable images), in result order
+    bar = tqdm(total=len(groups), desc=f"eval {kind} {method} k={cfg.k}", disable=not progress, unit="prompt")
+
+    def loaded():
+        for g in groups:
+            if not g.prompt.strip():
+                skipped["empty prompt"] += 1
+                bar.update(1)
+                continue
+            images, keep = [], []
+            for i, ref in enumerate(g.images):
+                try:
+                    images.append(ref.load())
+                    keep.append(i)
+                except BadImageError as e:
+                    skipped["bad image"] += 1
+                    if skipped["bad image"] <= MAX_LOGGED_BAD_IMAGES:
+                        logger.warning("group %s: %s", g.group_id, e)
+            if len(images) < 2:
+                skipped["fewer than 2 usable images"] += 1
+                bar.update(1)
+                continue
+            kept.append((g, keep))
+            yield g.group_id, g.prompt, images
+
+    results = []
+    was_training = model.training
+    model.eval()
+    try:
+        with seeded(cfg.seed):
+            for result in score_groups(model, processor, loaded(), spec):
+                results.append(result)
+                bar.update(1)
+    finally:
+        model.train(was_training)
+        bar.close()
+    if not results:
+        raise ValueError(f"no group could be evaluated: skipped {dict(skipped)}")
+    report = build_report(results, kept, spec, kind, time.perf_counter() - t0, skipped, len(groups))
+    report.update(label=label or model_name, model=model_name, skipped_reading=dict(read_skipped or {}))
+    if out_dir is not None:
+        write_outputs(Path(out_dir), report, results, kept)
+    return report
+
+
+def build_report(results, kept, spec, kind: str, wall_s: float, skipped: Counter, n_input: int) -> dict:
+    """The figures of one evaluation (every value JSON-serialisable; numbers are what the train loop logs)."""
+    rankings = [[float(g.ranks[i]) for i in keep] for g, keep in kept]
+    metrics = {key: accuracies(rankings, [r.scores[key] for r in results]) for key in results[0].scores}
+    judgements = [j for r in results for j in r.judgements]
+    rollouts = [(ok, fb) for j in judgements for ok, fb in zip(j.well_formed, j.fallback)]
+    soft_key = f"soft@{spec.k}"
+    soft = [np.asarray(r.scores[soft_key]) for r in results]
+    n_images = sum(r.n_images for r in results)
+    return {
+        "label": "",
+        "model": "",
+        "kind": kind,
+        "method": spec.method,
+        "debias": spec.debias,
+        "k": spec.k,
+        "seed": spec.seed,
+        "temperature": spec.temperature,
+        "max_new_tokens": spec.max_new_tokens,
+        "batch_size": spec.batch_size,
+        "rating_values": list(spec.rating_values) or None,
+        "primary_metric": PRIMARY_METRIC[kind],
+        "metrics": metrics,
+        "n_groups": len(results),
+        "n_groups_input": n_input,
+        "n_images": n_images,
+        "n_requests": len(judgements),
+        "n_rollouts": len(rollouts),
+        **count_pairs(rankings),
+        "skipped": dict(skipped),
+        "n_skipped": sum(skipped.values()),
+        "format_rate": float(np.mean([ok for ok, _ in rollouts])) if rollouts else 0.0,
+        "fallback_rate": float(np.mean([fb for _, fb in rollouts])) if rollouts else 0.0,
+        "soft_spread": float(np.std(np.concatenate(soft))),
+        "soft_spread_group": float(np.mean([s.std() for s in soft])),
+        "wall_s": wall_s,
+        "images_per_s": n_images / max(wall_s, 1e-9),
+    }
+
+
+def write_outputs(out: Path, report: dict, results: list, kept) -> None:
+    """``report.json``, ``predictions.jsonl`` (one line per prompt) and ``summary.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    with open(out / "predictions.jsonl", "w") as fh:
+        for r, (g, keep) in zip(results, kept):
+            row = {
+                "group_id": r.group_id,
+                "prompt": r.prompt,
+                "images": [str(g.images[i]) for i in keep],
+                "human_ranks": [g.ranks[i] for i in keep],
+                "anchor": r.anchor,
+                "scores": r.scores,
+                "requests": [
+                    {
+                        "images": list(idx),
+                        "texts": j.texts,
+                        "soft": j.soft,
+                        "hard": j.hard,
+                        "well_formed": j.well_formed,
+                        "fallback": j.fallback,
+                    }
+                    for idx, j in zip(r.requests, r.judgements)
+                ],
+            }
+            fh.write(json.dumps(row) + "\n")
+    (out / "summary.md").write_text(summary_markdown(report))
+
+
+def summary_markdown(report: dict) -> str:
+    """A markdown table: one row per score (soft/hard × Mean@k), one column per protocol."""
+
+    def pct(x):
+        return "—" if x is None else f"{100 * x:.1f}"
+
+    debias = " (position-debiased)" if report["debias"] else ""
+    lines = [
+        f"# Evaluation: {report['label'] or report['model'] or 'model'} on {report['kind']}",
+        "",
+        f"method `{report['method']}`{debias}, k = {report['k']}, seed {report['seed']}, "
+        f"{report['n_groups']} prompts / {report['n_images']} images / {report['pairs']} pairs "
+        f"({report['human_ties']} human ties), skipped {report['skipped'] or 'nothing'}.",
+        f"Format rate {report['format_rate']:.3f}, soft-score fallback rate {report['fallback_rate']:.3f}, "
+        f"soft spread {report['soft_spread']:.4g}; {report['wall_s']:.1f} s, {report['images_per_s']:.2f} images/s.",
+        "",
+        "| score | ImageReward acc. | HPSv2 acc. | pairwise acc. |",
+        "|---|---|---|---|",
+    ]
+    for key, m in report["metrics"].items():
+        lines.append(f"| {key} | {pct(m['imagereward_accuracy'])} | {pct(m['hpsv2_accuracy'])} "
+                     f"| {pct(m['pairwise_accuracy'])} |")  # fmt: skip
+    lines += [
+        "",
+        f"Accuracies in %. The official protocol for {report['kind']} is `{report['primary_metric']}`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------- the CLI
+
+
+def rating_scale(cfg, method: str, scale: str | None) -> tuple[tuple[int, ...] | None, str]:
+    """The rating scale and where it came from: ``--scale``, else ImageRewardDB's metadata."""
+    if scale:
+        from eval.rank import parse_scale
+
+        return parse_scale(scale), "--scale"
+    if method != "rating":
+        return None, ""
+    if cfg.data.kind != "imagereward":
+        raise ValueError("method rating on HPDv2 needs a rating scale: pass --scale 1-7")
+    from data.imagereward import read_train
+
+    eval_root = cfg.eval.root or cfg.data.root
+    tries = [(cfg.data.root, cfg.data.split), (eval_root, cfg.eval.split)]
+    errors = []
+    for root, split in tries:
+        if Path(root).is_dir():
+            try:
+                values = read_train(root, split=split, rating_field=cfg.data.rating_field).rating_values
+                return values, f"{cfg.data.rating_field} of {root} ({split})"
+            except (ValueError, OSError) as e:
+                errors.append(str(e))
+    raise ValueError(f"cannot read the rating scale ({'; '.join(errors)}); pass --scale LO-HI")
+
+
+def read_groups(cfg) -> tuple[list[EvalGroup], Counter]:
+    """The evaluation groups of ``data.kind`` under ``eval.root`` (or ``data.root``) and the reader's skips."""
+    root = cfg.eval.root or cfg.data.root
+    if cfg.data.kind == "imagereward":
+        from data.imagereward import read_eval
+
+        eval_set = read_eval(root, split=cfg.eval.split)
+    else:
+        from data.hpdv2 import read_eval
+
+        eval_set = read_eval(root)
+    return eval_set.groups, eval_set.skipped
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.evaluate",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="experiment YAML, e.g. experiments/imagereward.yaml")
+    parser.add_argument(
+        "overrides", nargs="*", help="section.key=value, e.g. eval.k=3 model.name_or_path=DIR"
+    )
+    parser.add_argument(
+        "--out", help="output folder (default runs/eval/<model>-<kind>-<split>-<method>-k<k>)"
+    )
+    parser.add_argument(
+        "--method", choices=("auto", *METHODS), help="overrides eval.method; also round-robin"
+    )
+    parser.add_argument("--debias", action="store_true", help="pairwise: ask each comparison in both orders")
+    parser.add_argument("--scale", help="rating scale LO-HI or a comma list (default: read from the data)")
+    parser.add_argument("--label", default="", help="name of this model in report.json and the tables")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        parser.exit(2, f"error: {e}\n")
+    # Everything about the data is checked before the model is loaded.
+    root = cfg.eval.root or cfg.data.root
+    if not Path(root).is_dir():
+        parser.exit(2, f"error: evaluation data folder {root!r} not found: {EVAL_DATA_HELP[cfg.data.kind]}, "
+                       f"or point eval.root=... (or data.root=...) at it\n")  # fmt: skip
+    try:
+        method = resolve_method(args.method or cfg.eval.method, cfg.data.kind)
+        groups, read_skipped = read_groups(cfg)
+        scale, scale_source = rating_scale(cfg, method, args.scale)
+    except (ValueError, OSError) as e:
+        parser.exit(2, f"error: {e}\n")
+    if scale_source:
+        print(f"rating scale {scale} from {scale_source}", file=sys.stderr)
+
+    import torch
+
+    from eval.rank import load_model
+
+    name = cfg.model.name_or_path
+    out = Path(
+        args.out or f"runs/eval/{Path(name).name}-{cfg.data.kind}-{cfg.eval.split}-{method}-k{cfg.eval.k}"
+    )
+    device = cfg.train.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor = load_model(name, cfg.model.dtype, device, cfg.model.min_pixels, cfg.model.max_pixels)
+    evaluate(model, processor, groups, cfg.data.kind, scale, cfg.eval,
+             cfg.eval.max_new_tokens or cfg.grpo.max_new_tokens, out, progress=not args.no_progress,
+             method=method, debias=args.debias, label=args.label or Path(name).name, model_name=name,
+             read_skipped=read_skipped)  # fmt: skip
+    print((out / "summary.md").read_text())
+    print(f"wrote {out / 'report.json'}, {out / 'predictions.jsonl'}, {out / 'summary.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Rank your own images for a prompt with a trained judge: ``python -m eval.rank --model PATH --prompt TEXT IMAGE...``.
+
+    python -m eval.rank --model runs/ir/checkpoint-001000 --prompt "a red fox in snow" a.png b.png c.png
+    python -m eval.rank --model runs/hpsv2/checkpoint-001000 --method anchor --k 3 --prompt "..." images/
+
+Prints a table (rank, soft score, hard score, file, the start of the reasoning) best first; an
+argument that is a folder stands for every image file in it. ``--json OUT`` also writes every
+rollout's full text. An image that cannot be decoded is skipped with a one-line message.
+
+``PreferenceScorer`` is the same thing as a Python reward function, e.g. for aligning a
+diffusion model::
+
+    scorer = PreferenceScorer("runs/ir/checkpoint-001000", method="rating", k=1)
+    rewards = scorer.score("a red fox in snow", [pil_image_1, pil_image_2])   # soft scores, higher = better
+
+Scores are the soft scores of ``eval.score`` (Mean@k): E[r|C] for ``rating``, p(image ≻ anchor)
+for ``anchor`` (the anchor gets 0.5), Bradley–Terry log-strengths for ``round-robin``. Every
+call is seeded with ``seed`` (and the anchor draw with the prompt), so the same prompt and
+images always get the same scores; the caller's RNG state is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from data.images import BadImageError, normalize_image
+from data.prompts import parse_completion
+from data.types import ImageRef
+from eval.score import METHODS, GroupResult, ScoringSpec, score_groups, seeded
+from models.qwen_vl import load_policy, load_processor
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+DEFAULT_SCALE = (1, 2, 3, 4, 5, 6, 7)  # ImageRewardDB's overall_rating range
+
+
+@dataclass
+class Ranked:
+    """One image's scores, with the rollouts that produced them."""
+
+    index: int
+    soft: float
+    hard: float
+    reasoning: str  # the first rollout's reasoning about this image ("" for the anchor / round robin)
+
+
+class PreferenceScorer:
+    """A reasoning judge as a reward function: ``score(prompt, images) -> list[float]``.
+
+    ``model`` is a checkpoint folder or hub id, or an already loaded ``(model, processor)``.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | tuple,
+        method: str = "rating",
+        k: int = 1,
+        scale: tuple[int, ...] = DEFAULT_SCALE,
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 16,
+        debias: bool = False,
+        dtype: str = "float32",
+        device: str = "cpu",
+    ) -> None:
+        if isinstance(model, (str, Path)):
+            model = load_model(str(model), dtype, device)
+        self.model, self.processor = model
+        self.model.eval()
+        self.spec = ScoringSpec(method, tuple(scale) if method == "rating" else (), k, max_new_tokens,
+                                temperature, batch_size, seed, debias)  # fmt: skip
+
+    def judge(self, prompt: str, images: list[Image.Image | str | Path]) -> GroupResult:
+        """The full result for one prompt: image scores (``soft@…``, ``hard@…``) and every rollout.
+
+        A path that cannot be decoded raises ``data.images.BadImageError`` naming the file.
+        """
+        if not images:
+            raise ValueError("no images to score")
+        decoded = [_as_image(im, i) for i, im in enumerate(images)]
+        with seeded(self.spec.seed):
+            (result,) = score_groups(self.model, self.processor, [(prompt, prompt, decoded)], self.spec)
+        return result
+
+    def rank(self, prompt: str, images: list[Image.Image | str | Path]) -> list[Ranked]:
+        """The images best first (by Mean@k soft score; ties keep input order)."""
+        result = self.judge(prompt, images)
+        return ranked(result, self.spec)
+
+    def score(self, prompt: str, images: list[Image.Image | str | Path]) -> list[float]:
+        """Mean@k soft scores in input order (higher = better)."""
+        return self.judge(prompt, images).scores[f"soft@{self.spec.k}"]
+
+
+def load_model(name_or_path: str, dtype: str, device: str, min_pixels: int = 0, max_pixels: int = 0):
+    """A judge for scoring: a full checkpoint, or a LoRA checkpoint folder (merged onto its base)."""
+    folder = Path(name_or_path)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        from peft import PeftModel  # only LoRA checkpoints need it
+
+        base_name = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base, _ = load_policy(base_name, dtype=dtype, device=device)
+        model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+        processor = load_processor(str(folder))
+    else:
+        model, processor = load_policy(name_or_path, dtype=dtype, device=device)
+    if min_pixels:
+        processor.image_processor.size["shortest_edge"] = min_pixels
+    if max_pixels:
+        processor.image_processor.size["longest_edge"] = max_pixels
+    return model.eval(), processor
+
+
+def parse_scale(text: str) -> tuple[int, ...]:
+    """``"1-7"`` → (1, …, 7); ``"1,3,5,7"`` → (1, 3, 5, 7). Ratings must be single digits."""
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            values = tuple(range(lo, hi + 1))
+        else:
+            values = tuple(sorted({int(x) for x in text.split(",")}))
+    except ValueError:
+        raise ValueError(f"--scale {text!r}: expected LO-HI (e.g. 1-7) or a comma list") from None
+    if len(values) < 2 or not all(0 <= v <= 9 for v in values):
+        raise ValueError(f"--scale {text!r}: need at least two single-digit ratings")
+    return values
+
+
+def _as_image(im: Image.Image | str | Path, i: int) -> Image.Image:
+    if isinstance(im, Image.Image):
+        return normalize_image(im, source=f"image {i}")
+    return ImageRef(str(im)).load()
+
+
+def ranked(result: GroupResult, spec: ScoringSpec) -> list[Ranked]:
+    """Per-image rows of a ``GroupResult``, best soft score first."""
+    soft, hard = result.scores[f"soft@{spec.k}"], result.scores[f"hard@{spec.k}"]
+    reasoning = [""] * result.n_images
+    for idx, j in zip(result.requests, result.judgements):
+        about = idx[0] if spec.method == "rating" else idx[1] if idx[0] == result.anchor else None
+        if about is not None and not reasoning[about]:
+            reasoning[about] = parse_completion(j.texts[0], spec.values).reasoning
+    rows = [Ranked(i, soft[i], hard[i], reasoning[i]) for i in range(result.n_images)]
+    return sorted(rows, key=lambda r: -r.soft)
+
+
+def expand_images(args: list[str]) -> list[Path]:
+    """Files as given; a folder stands for its image files (by suffix), sorted by name."""
+    paths = []
+    for a in args:
+        p = Path(a)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ValueError(f"{p}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            paths += found
+        else:
+            paths.append(p)
+    return paths
+
+
+def shorten(text: str, width: int = 60) -> str:
+    """One line of at most ``width`` characters."""
+    line = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def format_table(rows: list[Ranked], names: list[str], anchor: int | None) -> str:
+    header = f"{'rank':>4}  {'score':>8}  {'hard':>5}  {'file':<24}  reasoning"
+    lines = [header, "-" * len(header)]
+    for position, r in enumerate(rows, start=1):
+        note = "(anchor)" if r.index == anchor else shorten(r.reasoning) or "—"
+        name = (
+            names[r.index] if len(names[r.index]) <= 24 else "…" + names[r.index][-23:]
+        )  # keep the file name
+        lines.append(f"{position:>4}  {r.soft:>8.4f}  {r.hard:>5.2f}  {name:<24}  {note}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.rank",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("images", nargs="+", help="image files and/or folders of images")
+    parser.add_argument("--model", required=True, help="checkpoint folder or hub id of a Qwen2.5-VL judge")
+    parser.add_argument("--prompt", required=True, help="the text prompt the images were generated from")
+    parser.add_argument("--method", choices=METHODS, default="rating", help="how to score (default rating)")
+    parser.add_argument("--debias", action="store_true", help="pairwise: ask each comparison in both orders")
+    parser.add_argument("--k", type=int, default=1, help="Mean@k: reasoning rollouts per question")
+    parser.add_argument("--scale", default="1-7", help="rating scale, LO-HI or a comma list (default 1-7)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="completion length limit")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the rollouts and the anchor draw")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    parser.add_argument("--json", help="also write the scores and every rollout's text to this file")
+    args = parser.parse_args(argv)
+    try:
+        scale = parse_scale(args.scale)
+        paths = expand_images(args.images)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    images, names = [], []
+    for p in paths:
+        try:
+            images.append(ImageRef(str(p)).load())
+            names.append(str(p))
+        except BadImageError as e:
+            print(f"skipped {e}", file=sys.stderr)
+    if not images:
+        parser.exit(2, "error: no image could be decoded\n")
+
+    scorer = PreferenceScorer(args.model, args.method, args.k, scale, args.max_new_tokens, args.temperature,
+                              args.seed, debias=args.debias, dtype=args.dtype, device=args.device)  # fmt: skip
+    result = scorer.judge(args.prompt, images)
+    rows = ranked(result, scorer.spec)
+    print(format_table(rows, names, result.anchor))
+    if args.json:
+        out = {
+            "prompt": args.prompt, "model": args.model, "method": args.method, "debias": args.debias,
+            "k": args.k, "seed": args.seed, "anchor": None if result.anchor is None else names[result.anchor],
+            "ranking": [{"rank": n, "file": names[r.index], "soft": r.soft, "hard": r.hard} for n, r in enumerate(rows, 1)],
+            "requests": [{"files": [names[i] for i in idx], "texts": j.texts, "soft": j.soft, "hard": j.hard}
+                         for idx, j in zip(result.requests, result.judgements)],
+        }  # fmt: skip
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
