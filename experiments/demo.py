@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,7 @@ from models.qwen_vl import load_policy  # noqa: E402
 from models.tiny import build_tiny  # noqa: E402
 
 EXPERIMENTS = Path(__file__).resolve().parent
+RUN_DIRS = ("cold-imagereward", "cold-hpdv2", "grpo-imagereward", "grpo-hpdv2", "eval")
 # The bar the demo must clear (issue 6), on the ImageReward protocol, test split.
 TARGETS = {
     "trained_soft_min": 0.80,
@@ -112,11 +114,14 @@ def figures(report: dict, protocol: str) -> dict:
 
 
 def grpo_run(config: str, model_dir: Path, data_root: Path, out: Path, steps: int, args) -> Path:
+    """GRPO with an experiment file; held-out evaluation every ``--eval-every`` steps logs the
+    accuracy and the spread of soft scores (ImageReward: the validation split, so test stays unseen)."""
     overrides = [f"model.name_or_path={model_dir}", f"data.root={data_root}", f"train.output_dir={out}",
-                 f"train.steps={steps}", f"train.seed={args.seed}", "train.resume=auto"]  # fmt: skip
-    if "imagereward" in str(data_root):
-        overrides += [f"eval.root={data_root}", "eval.split=validation"]
-    return train(load_config(str(EXPERIMENTS / config), overrides))
+                 f"train.steps={steps}", f"train.seed={args.seed}", f"eval.every={args.eval_every}"]  # fmt: skip
+    cfg = load_config(str(EXPERIMENTS / config), overrides)
+    if cfg.data.kind == "imagereward":
+        cfg.eval.root, cfg.eval.split = str(data_root), "validation"
+    return train(cfg)
 
 
 def plot_curves(runs: dict[str, tuple[Path, str]], path: Path) -> None:
@@ -194,12 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cold-steps", type=int, default=150, help="format-only cold-start steps")
     ap.add_argument("--steps", type=int, default=400, help="GRPO steps on ImageReward-format data")
     ap.add_argument("--pair-steps", type=int, default=150, help="GRPO steps on HPDv2-format pairs")
+    ap.add_argument(
+        "--eval-every", type=int, default=50, help="held-out evaluation during GRPO every N steps"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=24, help="completion length at evaluation")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("DEMO_THREADS", "1")),
                     help="torch threads (tiny matrices: one thread is fastest on a shared 2-core machine)")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out: Path = args.out
+    for name in RUN_DIRS:  # a fresh demo: earlier runs here would otherwise be resumed or appended to
+        shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     st = Stages()
 

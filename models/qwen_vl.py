@@ -446,10 +446,29 @@ def completion_logprobs(
 ) -> torch.Tensor:
     """Per-token log π(y_t | prompt, images, y_<t) of the completions, ``(N, T)``.
 
-    ``inputs`` holds one prompt row per completion (``repeat_inputs`` for groups). The forward
-    runs over ``[prompt ‖ completion]`` but the LM head only over the ``T`` positions that predict
-    completion tokens (``logits_to_keep``), and the log-softmax is taken in float32. Dividing
-    by ``temperature`` scores the same distribution ``generate`` sampled from.
+    ``inputs`` holds one prompt row per completion (``repeat_inputs`` for groups), or, with
+    ``prompt_rows``, P distinct prompts (see ``completion_logits``). The log-softmax is taken in
+    float32 without keeping a second ``(N, T, V)`` tensor alive.
+    """
+    logits_NTV = completion_logits(
+        model, inputs, completion_ids_NT, completion_mask_NT, temperature, prompt_rows
+    )
+    return selective_log_softmax(logits_NTV, completion_ids_NT)
+
+
+def completion_logits(
+    model,
+    inputs: dict[str, torch.Tensor],
+    completion_ids_NT: torch.Tensor,
+    completion_mask_NT: torch.Tensor,
+    temperature: float = 1.0,
+    prompt_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits / temperature at the positions that predict completion tokens, float32 ``(N, T, V)``.
+
+    The forward runs over ``[prompt ‖ completion]`` but the LM head only over the ``T`` positions
+    that predict completion tokens (``logits_to_keep``). Dividing by ``temperature`` scores the
+    same distribution ``generate`` sampled from.
 
     With ``prompt_rows (N,)``, ``inputs`` holds P distinct prompts and completion ``n`` continues
     prompt ``prompt_rows[n]``: each prompt and its images go through the model once, and the
@@ -462,7 +481,7 @@ def completion_logprobs(
             # Checkpointed layers drop the KV cache: repeat the prompt rows instead (same result).
             inputs = select_rows(inputs, prompt_rows)
         else:
-            return _shared_prefix_logprobs(
+            return _shared_prefix_logits(
                 model, inputs, completion_ids_NT, completion_mask_NT, temperature, prompt_rows
             )
     N, T = completion_ids_NT.shape
@@ -480,20 +499,18 @@ def completion_logprobs(
         use_cache=False,
         **extra,
     )
-    logits = out.logits[:, :-1, :].float() / temperature  # (N, T, V): position t predicts token t
-    return selective_log_softmax(logits, completion_ids_NT)
+    return out.logits[:, :-1, :].float() / temperature  # (N, T, V): position t predicts token t
 
 
-def _shared_prefix_logprobs(model, inputs, ids_NT, mask_NT, temperature, prompt_rows) -> torch.Tensor:
-    """``completion_logprobs`` with one forward per distinct prompt (see ``prefill_shared``)."""
+def _shared_prefix_logits(model, inputs, ids_NT, mask_NT, temperature, prompt_rows) -> torch.Tensor:
+    """``completion_logits`` with one forward per distinct prompt (see ``prefill_shared``)."""
     rows_N = torch.as_tensor(prompt_rows, dtype=torch.long, device=ids_NT.device)
     cache, first_NV, prompt_mask, next_N = prefill_shared(model, inputs, rows_N)
     logits = [first_NV[:, None]]  # (N, 1, V): predicts completion token 0
     if ids_NT.shape[1] > 1:  # tokens 0 … T−2 predict tokens 1 … T−1
         attention_mask = torch.cat([prompt_mask, mask_NT[:, :-1].to(prompt_mask)], dim=1)
         logits.append(_decode(model, ids_NT[:, :-1], attention_mask, next_N, cache))
-    logits_NTV = torch.cat(logits, dim=1).float() / temperature  # (N, T, V)
-    return selective_log_softmax(logits_NTV, ids_NT)
+    return torch.cat(logits, dim=1).float() / temperature  # (N, T, V)
 
 
 def selective_log_softmax(logits_NTV: torch.Tensor, ids_NT: torch.Tensor) -> torch.Tensor:
