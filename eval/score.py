@@ -49,7 +49,14 @@ from eval.pairwise import (
     round_robin_comparisons,
     round_robin_scores,
 )
-from models.qwen_vl import build_inputs, render_prompt, repeat_inputs, sample_completions
+from models.qwen_vl import (
+    build_inputs,
+    kv_cache_available,
+    render_prompt,
+    repeat_inputs,
+    sample_completions,
+    sample_shared_first_image,
+)
 from models.soft_head import soft_scores
 
 METHODS = ("rating", "anchor", "round-robin")
@@ -78,6 +85,10 @@ class ScoringSpec:
     """Pairwise methods: also ask every comparison with the images swapped and average."""
     bt_prior: float = 0.1
     """Round robin: λ drawn virtual games per pair in the Bradley–Terry fit."""
+    share_anchor: bool = True
+    """Anchor method: prefill the instructions + anchor image once per group and reuse that KV
+    cache for its N − 1 comparisons (``models.qwen_vl.sample_shared_first_image``). Same samples
+    for the same seed; only the cost changes."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -172,16 +183,29 @@ def score_completions(
 @torch.no_grad()
 def judge(
     model, processor, requests: list[Request], rating_values: tuple[int, ...], k: int,
-    max_new_tokens: int, temperature: float = 1.0,
+    max_new_tokens: int, temperature: float = 1.0, share_first_image: bool = False,
 ) -> list[Judgement]:  # fmt: skip
-    """Answer B requests with k rollouts each: one ``generate`` for all B·k, then one scoring pass."""
+    """Answer B requests with k rollouts each: one sampling pass for all B·k, then one scoring pass.
+
+    Each request is prefilled once for its k rollouts (``share_prefix``). With
+    ``share_first_image`` (pair requests), requests that open with the same prompt and first image
+    (the anchor method's ``[anchor, j]``) also share the prefill of that opening. Both draw, for
+    the same seed, the same rollouts as one plain ``generate``. Without a KV cache (gradient
+    checkpointing in training mode) every request goes through ``generate``.
+    """
     tasks = {r.task for r in requests}
     assert len(tasks) == 1, f"one task per batch, got {tasks}"
     task = tasks.pop()
     values = answer_values(task, rating_values)
     device = next(model.parameters()).device
     inputs = {name: t.to(device) for name, t in encode_requests(processor, requests, rating_values).items()}
-    comp = sample_completions(model, processor, inputs, k, max_new_tokens, temperature)
+    cached = kv_cache_available(model)
+    if share_first_image and cached and task == "pair":
+        comp = sample_shared_first_image(model, processor, inputs, k, max_new_tokens, temperature)
+    else:
+        comp = sample_completions(
+            model, processor, inputs, k, max_new_tokens, temperature, share_prefix=cached
+        )
     inputs_N = repeat_inputs(inputs, k)  # row n is request n // k
     soft, hard, ok, fb = score_completions(
         model, processor, inputs_N, comp.ids_NT, comp.mask_NT, comp.texts, task, values
@@ -259,7 +283,8 @@ def score_groups(
 
     def run(batch):
         judgements = judge(model, processor, [r for _, _, r in batch], spec.rating_values, spec.k,
-                           spec.max_new_tokens, spec.temperature)  # fmt: skip
+                           spec.max_new_tokens, spec.temperature,
+                           share_first_image=spec.share_anchor and spec.method == "anchor")  # fmt: skip
         for (result, i, request), j in zip(batch, judgements):
             result.judgements[i] = j
             request.images = []  # free the decoded images

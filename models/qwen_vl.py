@@ -25,6 +25,7 @@ Facts this module relies on (DESIGN §8, measured with transformers 5.23):
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,17 +347,30 @@ def sample_shared_prefix(
     row has ended. ``return_scores`` returns the raw logits of each step, ``(N, T, V)``.
     """
     B = inputs["input_ids"].shape[0]
-    device = inputs["input_ids"].device
-    rows_N = torch.arange(B, device=device).repeat_interleave(group_size)  # completion n → prompt n // G
+    rows_N = torch.arange(B, device=inputs["input_ids"].device).repeat_interleave(group_size)  # n → n // G
+    cache, logits_NV, attention_mask, next_N = prefill_shared(model, inputs, rows_N)
+    return _sample_from_cache(model, processor, cache, logits_NV, attention_mask, next_N, max_new_tokens,
+                              temperature, min_new_tokens, return_scores)  # fmt: skip
+
+
+def _sample_from_cache(
+    model, processor, cache, logits_NV, attention_mask, next_N, max_new_tokens, temperature, min_new_tokens,
+    return_scores,
+) -> Completions | tuple[Completions, torch.Tensor]:  # fmt: skip
+    """The sampling loop of ``sample_shared_prefix`` on top of a prefilled ``cache`` of N rows.
+
+    ``logits_NV`` predict the first completion token, ``attention_mask (N, L)`` covers the cached
+    prompt columns and ``next_N`` is each row's first completion position (``rope_positions``).
+    """
+    device = logits_NV.device
     eos_ids = sampling_config(model, processor, 1, temperature).eos_token_id
     eos = torch.tensor(eos_ids, device=device)
     suppressed = torch.tensor(suppressed_token_ids(processor), device=device)
     pad = processor.tokenizer.pad_token_id
 
-    cache, logits_NV, attention_mask, next_N = prefill_shared(model, inputs, rows_N)
     L = attention_mask.shape[1]
     cache.layers = [_InPlaceLayer(layer, L + max_new_tokens) for layer in cache.layers]
-    done_N = torch.zeros(len(rows_N), dtype=torch.bool, device=device)
+    done_N = torch.zeros(logits_NV.shape[0], dtype=torch.bool, device=device)
     tokens, raw = [], []
     for t in range(max_new_tokens):
         if t > 0:
@@ -378,6 +392,136 @@ def sample_shared_prefix(
     if return_scores:
         return completions, torch.stack(raw, dim=1)  # (N, T, V)
     return completions
+
+
+def kv_cache_available(model) -> bool:
+    """Whether a forward keeps its KV cache: layers under gradient checkpointing in training mode drop it."""
+    layers = _hf_model(model).model.language_model.layers
+    return not any(layer.gradient_checkpointing and layer.training for layer in layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared first image: the anchor method's N − 1 comparisons [anchor, j] of one prompt
+
+
+@torch.no_grad()
+def sample_shared_first_image(
+    model,
+    processor,
+    inputs: dict[str, torch.Tensor],
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    min_new_tokens: int = 0,
+    return_scores: bool = False,
+) -> Completions | tuple[Completions, torch.Tensor]:
+    """``sample_completions`` where prompts that open alike share one prefill of their opening.
+
+    A prompt's *prefix* is its tokens up to and including its first image block, with that
+    image. The anchor method's comparisons ``[anchor, j]`` of one prompt all render as
+    ``[instructions ‖ anchor image | image j ‖ rest]``: one prefix, N − 1 *suffixes*. Three
+    forwards instead of one over B full prompts:
+
+    1. the P distinct prefixes, left padded, with their first images (the vision tower sees each
+       anchor once);
+    2. that cache indexed to the B prompt rows (``index_select``), then every row's suffix (its
+       other images and the rest of its prompt), left padded *between* prefix and suffix, so that
+       every row's last column is real and a padding query still attends to its prefix;
+    3. the cache indexed to the N = B·G completion rows and ``sample_shared_prefix``'s loop.
+
+    Positions are those of the unsplit prompt (``rope_positions`` on the full batch), passed
+    explicitly: same distribution as ``sample_completions``, and with the same seed the same
+    tokens. A row whose prefix no other row shares (a swapped comparison ``[j, anchor]``) is a
+    prefix of its own: correct, only not cheaper. Needs a KV cache (no gradient checkpointing).
+    """
+    ids, mask, mm = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
+    B, L = ids.shape
+    device = ids.device
+    position_ids, next_B = rope_positions(model, inputs)  # (3, B, L), (B,)
+    counts = image_counts(inputs)
+    assert min(counts) >= 1, "every prompt needs an image to split after"
+    grid = inputs["image_grid_thw"]  # (I, 3)
+    first_image = [0, *itertools.accumulate(counts)]  # (B+1,) image index of row b's first image
+    patch_start = [0, *itertools.accumulate(grid.prod(dim=1).tolist())]  # (I+1,) packed patch rows
+
+    def patches(i: int) -> torch.Tensor:  # image i's rows of pixel_values
+        return inputs["pixel_values"][patch_start[i] : patch_start[i + 1]]
+
+    # Row b's real tokens are [start, L) (left padding); its prefix is [start, split).
+    vision_end = processor.tokenizer.convert_tokens_to_ids("<|vision_end|>")
+    start_B = (L - mask.sum(dim=1)).tolist()
+    split_B = []
+    for b in range(B):
+        assert mask[b, start_B[b] :].all(), "prompts must be left padded"
+        image_cols = (mm[b] == 1).nonzero().squeeze(1)
+        after = image_cols[0] + (mm[b, image_cols[0] :] != 1).nonzero()[0, 0]  # first column after the block
+        assert ids[b, after] == vision_end, "an image block ends with <|vision_end|>"
+        split_B.append(int(after) + 1)
+
+    # Rows with the same prefix tokens and the same first image share one prefix row.
+    reps: list[int] = []  # (P,) the first row of each distinct prefix
+    prefix_B = []  # (B,) prefix row of each prompt row
+    for b in range(B):
+        for p, r in enumerate(reps):
+            if (split_B[b] - start_B[b] == split_B[r] - start_B[r]
+                    and torch.equal(ids[b, start_B[b] : split_B[b]], ids[r, start_B[r] : split_B[r]])
+                    and torch.equal(grid[first_image[b]], grid[first_image[r]])
+                    and torch.equal(patches(first_image[b]), patches(first_image[r]))):  # fmt: skip
+                prefix_B.append(p)
+                break
+        else:
+            prefix_B.append(len(reps))
+            reps.append(b)
+    prefix_B = torch.tensor(prefix_B, device=device)
+
+    def right_aligned(rows: list[int], cols: list[slice]) -> dict[str, torch.Tensor]:
+        """Token columns ``cols[i]`` of row ``rows[i]``, left padded to one width."""
+        width = max(c.stop - c.start for c in cols)
+        out = dict(
+            input_ids=ids.new_full((len(rows), width), processor.tokenizer.pad_token_id),
+            attention_mask=mask.new_zeros(len(rows), width),
+            mm_token_type_ids=mm.new_zeros(len(rows), width),
+            position_ids=position_ids.new_ones(3, len(rows), width),  # (3, R, W); padding: any value
+        )
+        for i, (b, c) in enumerate(zip(rows, cols)):
+            n = c.stop - c.start
+            out["input_ids"][i, width - n :] = ids[b, c]
+            out["attention_mask"][i, width - n :] = 1
+            out["mm_token_type_ids"][i, width - n :] = mm[b, c]
+            out["position_ids"][:, i, width - n :] = position_ids[:, b, c]
+        return out
+
+    # 1. The P prefixes and their first images.
+    prefix = right_aligned(reps, [slice(start_B[r], split_B[r]) for r in reps])
+    firsts = [first_image[r] for r in reps]
+    out = model(**prefix, pixel_values=torch.cat([patches(i) for i in firsts]), image_grid_thw=grid[firsts],
+                use_cache=True, logits_to_keep=1)  # fmt: skip
+    cache = out.past_key_values
+    # index_select, not keys[prefix_B]: see prefill_shared.
+    for layer in cache.layers:  # (P, kv_heads, Lp, d) → (B, kv_heads, Lp, d)
+        layer.keys = layer.keys.index_select(0, prefix_B)
+        layer.values = layer.values.index_select(0, prefix_B)
+
+    # 2. Every row's suffix on top of its prefix.
+    suffix = right_aligned(list(range(B)), [slice(split_B[b], L) for b in range(B)])
+    others = [i for b in range(B) for i in range(first_image[b] + 1, first_image[b + 1])]
+    extra = {}
+    if others:  # pair prompts: the second image of every row
+        extra = dict(pixel_values=torch.cat([patches(i) for i in others]), image_grid_thw=grid[others])
+    attention_mask = torch.cat([prefix["attention_mask"].index_select(0, prefix_B), suffix["attention_mask"]],
+                               dim=1)  # (B, Lp + Ls)  # fmt: skip
+    out = model(**{**suffix, "attention_mask": attention_mask}, past_key_values=cache, use_cache=True,
+                logits_to_keep=1, **extra)  # fmt: skip
+    logits_BV = out.logits[:, -1]
+
+    # 3. G completions per prompt row.
+    rows_N = torch.arange(B, device=device).repeat_interleave(group_size)  # completion n → prompt n // G
+    for layer in cache.layers:  # (B, …) → (N, …)
+        layer.keys = layer.keys.index_select(0, rows_N)
+        layer.values = layer.values.index_select(0, rows_N)
+    return _sample_from_cache(model, processor, cache, logits_BV.index_select(0, rows_N),
+                              attention_mask.index_select(0, rows_N), next_B.index_select(0, rows_N),
+                              max_new_tokens, temperature, min_new_tokens, return_scores)  # fmt: skip
 
 
 def _trim(ids_NT: torch.Tensor, processor, eos_ids: list[int], max_new_tokens: int) -> Completions:
