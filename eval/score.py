@@ -49,14 +49,8 @@ from eval.pairwise import (
     round_robin_comparisons,
     round_robin_scores,
 )
-from models.qwen_vl import (
-    build_inputs,
-    kv_cache_available,
-    render_prompt,
-    repeat_inputs,
-    sample_completions,
-    sample_shared_first_image,
-)
+from models.prefix import kv_cache_available, sample_shared_first_image
+from models.qwen_vl import build_inputs, render_prompt, repeat_inputs, sample_completions
 from models.soft_head import soft_scores
 
 METHODS = ("rating", "anchor", "round-robin")
@@ -87,7 +81,7 @@ class ScoringSpec:
     """Round robin: λ drawn virtual games per pair in the Bradley–Terry fit."""
     share_anchor: bool = True
     """Anchor method: prefill the instructions + anchor image once per group and reuse that KV
-    cache for its N − 1 comparisons (``models.qwen_vl.sample_shared_first_image``). Same samples
+    cache for its N − 1 comparisons (``models.prefix.sample_shared_first_image``). Same samples
     for the same seed; only the cost changes."""
 
     def __post_init__(self) -> None:

@@ -227,7 +227,8 @@ def worker_groups(a) -> dict:
     from grpo.policy import build_policy
     from grpo.rollout import encode_samples
     from grpo.train import grpo_step
-    from models.qwen_vl import prefill_shared, repeat_inputs
+    from models.prefix import prefill_shared
+    from models.qwen_vl import repeat_inputs
 
     cfg = workload_config(a.out)
     force_length(cfg)

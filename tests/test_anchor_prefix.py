@@ -15,7 +15,8 @@ import torch
 from conftest import solid
 
 from eval.score import Request, ScoringSpec, encode_requests, score_groups, seeded
-from models.qwen_vl import sample_completions, sample_shared_first_image
+from models.prefix import sample_shared_first_image
+from models.qwen_vl import sample_completions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
