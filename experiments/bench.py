@@ -542,13 +542,17 @@ def command_line(a) -> str:
         args.append("--quick")
     if a.threads != 1:
         args.append(f"--threads {a.threads}")
+    if not a.quick and sorted(a.precisions) != ["bf16", "fp32"]:
+        args.append("--precisions " + " ".join(a.precisions))
+    if a.headline_only:
+        args.append("--headline-only")
     return " ".join(args)
 
 
 def markdown(r: dict) -> str:
     w, m = r["workload"], r["machine"]
     lines = [
-        f"Command: `{r['command']}` (`make bench`), {m['threads']} thread(s) per process, "
+        f"Command: `{r['command']}`{' (`make bench`)' if r['command'].endswith('runs/bench') else ''}, {m['threads']} thread(s) per process, "
         f"{m['cores']} cores, AMX {'yes' if m['amx'] else 'no'}, torch {m['torch']}, "
         f"transformers {m['transformers']}, trl {m['trl']}; load average at the end {m['load_avg_at_end'][0]:.1f} "
         "(other jobs share the machine: timings are medians over alternating processes).",
