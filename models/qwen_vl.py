@@ -329,16 +329,18 @@ def completion_logits(
     prompt's cost paid once per group instead of G times.
     """
     if prompt_rows is not None:
-        layers = _hf_model(model).model.language_model.layers
-        if any(layer.gradient_checkpointing and layer.training for layer in layers):
-            # Checkpointed layers drop the KV cache: repeat the prompt rows instead (same result).
-            inputs = select_rows(inputs, prompt_rows)
-        else:
-            from models.prefix import shared_prefix_logits  # models.prefix builds on this module
+        from models.prefix import (  # models.prefix builds on this module
+            kv_cache_available,
+            shared_prefix_logits,
+        )
 
+        if kv_cache_available(model):
             return shared_prefix_logits(
                 model, inputs, completion_ids_NT, completion_mask_NT, temperature, prompt_rows
             )
+        inputs = select_rows(
+            inputs, prompt_rows
+        )  # checkpointed layers drop the cache: repeat the prompt rows
     N, T = completion_ids_NT.shape
     input_ids = torch.cat([inputs["input_ids"], completion_ids_NT], dim=1)  # (N, L+T)
     attention_mask = torch.cat(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from PIL import Image
@@ -32,6 +34,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def biased_towards_eos(model, processor, bias: float):
+    """A copy of ``model`` whose LM head adds ``bias`` to the end-of-turn logit, so completions
+    end at varied lengths and the eos / padding / min_new_tokens paths run."""
+    model = copy.deepcopy(model)
+    head = model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    biased.weight.data.copy_(head.weight.data)
+    biased.bias.data.zero_()
+    biased.bias.data[processor.tokenizer.convert_tokens_to_ids("<|im_end|>")] = bias
+    model.lm_head = biased
+    return model.eval()
 
 
 def solid(colour: str, size: int = 64) -> Image.Image:

@@ -8,11 +8,9 @@ suffixes after the anchor differ in length and are padded), the same anchor scor
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from conftest import solid
+from conftest import biased_towards_eos, solid
 
 from eval.score import Request, ScoringSpec, encode_requests, score_groups, seeded
 from models.prefix import sample_shared_first_image
@@ -40,14 +38,7 @@ def _requests():
 def eos_prone(tiny):
     """The tiny model biased towards end-of-turn, so completions end at varied lengths."""
     model, processor = tiny
-    model = copy.deepcopy(model)
-    head = model.lm_head
-    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    biased.weight.data.copy_(head.weight.data)
-    biased.bias.data.zero_()
-    biased.bias.data[processor.tokenizer.convert_tokens_to_ids("<|im_end|>")] = 3.0
-    model.lm_head = biased
-    return model.eval(), processor
+    return biased_towards_eos(model, processor, 3.0), processor
 
 
 @pytest.mark.parametrize("G", [1, 3])

@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from conftest import solid
+from conftest import biased_towards_eos, solid
 from test_models import MIXED, ONE, TWO, _batch
 
 from grpo.config import load_config
@@ -33,14 +33,7 @@ def eos_prone(tiny):
     """The tiny model with a bias towards end-of-turn (~15% per token), so completions end at
     varied lengths and the eos / padding / min_new_tokens paths run."""
     model, processor = tiny
-    model = copy.deepcopy(model)
-    head = model.lm_head
-    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    biased.weight.data.copy_(head.weight.data)
-    biased.bias.data.zero_()
-    biased.bias.data[processor.tokenizer.convert_tokens_to_ids("<|im_end|>")] = 5.0
-    model.lm_head = biased
-    return model.eval(), processor
+    return biased_towards_eos(model, processor, 5.0), processor
 
 
 @CASES
