@@ -6,10 +6,14 @@ documents the hidden ground truth). Stages, in order:
 
 1. build the tiny model (``models.tiny``) and write the synthetic ImageRewardDB and HPDv2 folders
    (image-only tier: the drawn colour sets the rating through a permutation drawn from the seed);
-2. **format-only cold start** (``grpo.coldstart``): supervised steps on answers drawn uniformly at
-   random, so the tiny model learns to write ``<think>…</think><answer>…</answer>`` and nothing
-   about preferences. It then stands in for an instruction-following VLM that knows nothing
-   about preferences: the paper's zero-shot starting point;
+2. **cold start** (``grpo.coldstart``): supervised steps that teach the tiny model to write
+   ``<think>…</think><answer>…</answer>`` with the answers of a *random taste*: a rating per
+   hue drawn from ``--taste-seed``, independent of the hidden ground truth. The tiny model then
+   stands in for an instruction-following VLM that has opinions about images but no knowledge of
+   the preference it is trained on (its zero-shot accuracy is how far the taste happens to agree;
+   the default taste agrees on 3 of the 6 colour pairs). Uniformly random answers
+   (``--cold-answers uniform``) teach the format too, but leave a model blind to the image that
+   GRPO does not recover from in the demo's budget (see ``grpo/coldstart.py``);
 3. evaluate that zero-shot model on the test split: hard (sampled digit) and soft (expected
    rating) scores, Mean@1 and Mean@3, under the ImageReward protocol (model ties count as wrong);
 4. GRPO on the training split (``experiments/tiny.yaml``), evaluating on the validation split
@@ -38,14 +42,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from data.hpdv2 import read_eval as read_hpdv2_eval  # noqa: E402
 from data.hpdv2 import read_train as read_hpdv2_train  # noqa: E402
 from data.imagereward import read_eval as read_ir_eval  # noqa: E402
 from data.imagereward import read_train as read_ir_train  # noqa: E402
-from data.synthetic import colour_mapping, write_hpdv2, write_imagereward  # noqa: E402
+from data.synthetic import COLOURS, colour_mapping, write_hpdv2, write_imagereward  # noqa: E402
 from eval.evaluate import evaluate  # noqa: E402
-from grpo.coldstart import cold_start  # noqa: E402
+from grpo.coldstart import ANSWER_MODES, Taste, cold_start  # noqa: E402
 from grpo.config import EvalConfig, load_config  # noqa: E402
 from grpo.train import train  # noqa: E402
 from models.qwen_vl import load_policy  # noqa: E402
@@ -98,6 +103,13 @@ def run_eval(model_dir: Path, kind: str, data_root: Path, out: Path, label: str,
                       label=label, model_name=str(model_dir))  # fmt: skip
     print((out / "summary.md").read_text())
     return report
+
+
+def taste_of_colours(taste_seed: int, ir_root: Path) -> dict[str, int]:
+    """The rating the cold start's random taste gives each synthetic colour (for the report)."""
+    scale = read_ir_train(ir_root).rating_values
+    taste = Taste.draw(scale, taste_seed)
+    return {name: taste.rate(Image.new("RGB", (4, 4), rgb)) for name, rgb in COLOURS.items()}
 
 
 def figures(report: dict, protocol: str) -> dict:
@@ -167,7 +179,7 @@ def table2(report: dict) -> str:
         "| model | ImageReward hard | ImageReward soft | soft Mean@3 | HPSv2 hard | HPSv2 soft |",
         "|---|---|---|---|---|---|",
     ]
-    for name, key in (("zero-shot (format cold start)", "zero_shot"), ("GRPO-trained", "trained")):
+    for name, key in (("zero-shot (cold start)", "zero_shot"), ("GRPO-trained", "trained")):
         lines.append(f"| {name} | {pct(ir[key]['hard'])} | {pct(ir[key]['soft'])} | {pct(ir[key]['soft_mean3'])} "
                      f"| {pct(hp[key]['hard'])} | {pct(hp[key]['soft'])} |")  # fmt: skip
     return "\n".join(lines)
@@ -196,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
     ap.add_argument("--seed", type=int, default=1, help="data seed: sets the colour→rating mapping")
     ap.add_argument("--prompts", type=int, default=256, help="synthetic train prompts per dataset")
-    ap.add_argument("--cold-steps", type=int, default=150, help="format-only cold-start steps")
+    ap.add_argument("--cold-steps", type=int, default=150, help="cold-start steps")
+    ap.add_argument("--cold-answers", choices=ANSWER_MODES, default="taste",
+                    help="cold-start answers: a random taste (default) or uniformly random")  # fmt: skip
+    ap.add_argument("--taste-seed", type=int, default=0, help="seed of the cold start's random taste")
     ap.add_argument("--steps", type=int, default=400, help="GRPO steps on ImageReward-format data")
     ap.add_argument("--pair-steps", type=int, default=150, help="GRPO steps on HPDv2-format pairs")
     ap.add_argument(
@@ -221,12 +236,22 @@ def main(argv: list[str] | None = None) -> int:
     mapping = colour_mapping(args.seed)
     print(f"hidden ground truth (seed {args.seed}): the drawn colour sets the rating, {mapping}")
 
-    st.start("cold_start_imagereward", "format-only cold start (random answers: no preference knowledge)")
-    ir_train = read_ir_train(ir_root)
-    cold_ir = cold_start(
-        str(tiny), ir_train, str(out / "cold-imagereward"), steps=args.cold_steps, seed=args.seed
+    st.start("cold_start_imagereward", f"cold start: the answer format, {args.cold_answers} answers")
+    cold = {
+        "steps": args.cold_steps,
+        "seed": args.seed,
+        "answers": args.cold_answers,
+        "taste_seed": args.taste_seed,
+    }
+    cold_ir = cold_start(str(tiny), read_ir_train(ir_root), str(out / "cold-imagereward"), **cold)
+    if args.cold_answers == "taste":
+        print(
+            f"random taste (seed {args.taste_seed}) on the synthetic colours: {taste_of_colours(args.taste_seed, ir_root)}"
+        )
+    print(
+        "the cold-started model writes the answer format; it stands in for an instruction-following VLM "
+        "with no knowledge of the hidden preference"
     )
-    print("the cold-started model writes the answer format; it stands in for an instruction-following VLM")
 
     st.start("eval_zero_shot_imagereward", "zero-shot evaluation (ImageReward test split, k = 3)")
     zero_ir = run_eval(
@@ -241,9 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         final_ir, "imagereward", ir_root, out / "eval" / "imagereward-trained", "GRPO", args
     )
 
-    st.start("cold_start_hpdv2", "pairwise setting: format-only cold start on HPDv2-format pairs")
-    cold_hp = cold_start(str(tiny), read_hpdv2_train(hp_root, fraction=1.0), str(out / "cold-hpdv2"),
-                         steps=args.cold_steps, seed=args.seed)  # fmt: skip
+    st.start("cold_start_hpdv2", "pairwise setting: cold start on HPDv2-format pairs")
+    cold_hp = cold_start(str(tiny), read_hpdv2_train(hp_root, fraction=1.0), str(out / "cold-hpdv2"), **cold)
     st.start("eval_zero_shot_hpdv2", "zero-shot anchor-based ranking (HPDv2 test, k = 3)")
     zero_hp = run_eval(cold_hp, "hpdv2", hp_root, out / "eval" / "hpdv2-zero-shot", "zero-shot", args)
     st.start("grpo_hpdv2", f"GRPO on HPDv2-format pairs ({args.pair_steps} steps)")
@@ -262,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
                 "trained": figures(trained_ir, "hpsv2_accuracy"),
             },
             "colour_mapping": mapping,
+            "cold_start": {
+                "answers": args.cold_answers,
+                "taste_seed": args.taste_seed,
+                "taste": taste_of_colours(args.taste_seed, ir_root),
+            },  # fmt: skip
             "test": {
                 "prompts": trained_ir["n_groups"],
                 "images": trained_ir["n_images"],

@@ -1,23 +1,37 @@
-"""Format-only supervised cold start for the tiny model: ``python -m grpo.coldstart MODEL DATA OUT``.
+"""Supervised cold start for the tiny model: ``python -m grpo.coldstart MODEL DATA OUT``.
 
-A real Qwen2.5-VL-Instruct follows the ``<think>…</think><answer>…</answer>`` instruction out of
-the box; a randomly initialised tiny model does not, so GRPO would see zero reward everywhere
-and learn nothing. This stage teaches the tiny model the answer *format* only: the targets are
+A real Qwen2.5-VL-Instruct brings two things to the paper's zero-shot starting point that a
+randomly initialised tiny model lacks: it follows the ``<think>…</think><answer>…</answer>``
+instruction, and it has *some* opinion about what it sees. This stage gives the tiny model both
+and no knowledge of the preference it will be trained on. The targets are
 
-    <think>{a neutral phrase}</think><answer>{a uniformly random valid answer}</answer><|im_end|>
+    <think>I look at the image.</think><answer>{the answer of a random taste}</answer><|im_end|>
 
-so no preference knowledge leaks in (the answer is independent of the image and the human
-label). After it the tiny model stands in for an instruction-following VLM with no preference
-skill. It is not part of the paper's method and is never used with a real checkpoint.
+where the **random taste** (``Taste``) rates an image by its dominant hue through a map drawn
+from its own seed, independent of the hidden ground truth of the synthetic data: it is as likely
+to reverse the true preference as to agree with it (its agreement is the zero-shot accuracy the
+demo reports). For a pair the answer names the image the taste rates higher.
+
+Why not uniformly random answers (``answers="uniform"``, kept for comparison)? They teach the
+format too, but their loss is lowest when the answer ignores the input, and the cold start
+obliges: on the demo's data the image-dependent part of the hidden state at the answer position
+shrank 14× (0.63 → 0.044 against a norm of 11), and GRPO from that blind model only found the
+answer that is best on average (issue 6 notes). From a random taste it re-maps colours to the
+true ratings within a few hundred steps. This stage is not part of the paper's method and is
+never used with a real checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import colorsys
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from data.images import BadImageError
@@ -25,27 +39,72 @@ from data.prompts import answer_values
 from grpo.rollout import encode_samples
 from models.qwen_vl import completion_logprobs, load_policy, save_processor
 
-NEUTRAL_THOUGHTS = (
-    "I look at the image.",
-    "the image shows a shape.",
-    "I check the picture and the prompt.",
-    "let me judge this image.",
-    "I compare what is drawn with the prompt.",
-)
+# One fixed thought: the tiny model cannot reason, its think block is format. With five varied
+# phrases, 150 steps learned only how often the taste gives each rating, not which image gets
+# which (answer entropy log 4, no dependence on the image); with one phrase, the answer follows
+# the image. 21 tiny-tokenizer tokens with the tags, the answer and the end of turn.
+THOUGHT = "I look at the image."
+ANSWER_MODES = ("taste", "uniform")
+PAIR_TASTE_SCALE = tuple(range(1, 8))  # the taste's own scale when the task compares pairs
+HUE_SECTORS = 8  # 45° each, centred on red (0°), orange, chartreuse, green (135°), cyan, blue (225°), …
 
 
-def format_targets(task: str, rating_values, n: int, rng: random.Random) -> list[str]:
-    """``n`` well-formed completions whose answers are uniformly random valid values."""
-    values = answer_values(task, rating_values or ())
-    return [
-        f"<think>{rng.choice(NEUTRAL_THOUGHTS)}</think><answer>{rng.choice(values)}</answer>"
-        for _ in range(n)
-    ]
+def hue_sector(image: Image.Image) -> int:
+    """The 45° hue sector (0 = red, 3 = green, 5 = blue) of the mean colour of the non-white pixels."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float64).reshape(-1, 3) / 255.0
+    inked = rgb[rgb.min(axis=1) < 0.85]  # drop the white background
+    r, g, b = (inked if len(inked) else rgb).mean(axis=0)
+    hue = colorsys.rgb_to_hsv(r, g, b)[0]  # in [0, 1)
+    return round(hue * HUE_SECTORS) % HUE_SECTORS
+
+
+@dataclass(frozen=True)
+class Taste:
+    """A random opinion: one rating per hue sector, drawn from its own seed (no ground truth in it)."""
+
+    ratings: tuple[int, ...]
+
+    @classmethod
+    def draw(cls, values, seed: int) -> Taste:
+        """Distinct ratings for the first len(values) sectors (a shuffled scale, repeated as needed)."""
+        order = list(values)
+        random.Random(f"taste-{seed}").shuffle(order)
+        return cls(tuple(order[i % len(order)] for i in range(HUE_SECTORS)))
+
+    def rate(self, image: Image.Image) -> int:
+        return self.ratings[hue_sector(image)]
+
+    def answer(self, task: str, images: list[Image.Image], rng: random.Random) -> int:
+        """The rating of one image, or for a pair 1 if the taste prefers the second (ties: a coin)."""
+        if task == "rating":
+            return self.rate(images[0])
+        first, second = (self.rate(im) for im in images)
+        return int(second > first) if first != second else rng.randrange(2)
+
+
+def format_targets(samples, images, rating_values, answers: str, taste: Taste | None,
+                   rng: random.Random) -> list[str]:  # fmt: skip
+    """One well-formed completion per sample; its answer comes from the taste or uniformly at random."""
+    out = []
+    for sample, ims in zip(samples, images, strict=True):
+        if answers == "taste":
+            answer = taste.answer(sample.task, ims, rng)
+        else:
+            answer = rng.choice(answer_values(sample.task, rating_values or ()))
+        out.append(f"<think>{THOUGHT}</think><answer>{answer}</answer>")
+    return out
 
 
 def cold_start(model_dir: str, train_set, out_dir: str, steps: int = 150, batch_size: int = 16,
-               lr: float = 1e-3, seed: int = 0, progress: bool = True) -> Path:  # fmt: skip
-    """Supervised steps on random-answer targets; saves a loadable model folder to ``out_dir``."""
+               lr: float = 1e-3, seed: int = 0, progress: bool = True, answers: str = "taste",
+               taste_seed: int = 0) -> Path:  # fmt: skip
+    """Supervised steps on format targets; saves a loadable model folder to ``out_dir``.
+
+    ``answers``: "taste" (a random taste drawn from ``taste_seed``) or "uniform" (uniformly random).
+    """
+    if answers not in ANSWER_MODES:
+        raise ValueError(f"answers must be one of {ANSWER_MODES}, got {answers!r}")
+    taste = Taste.draw(train_set.rating_values or PAIR_TASTE_SCALE, taste_seed)
     rng = random.Random(seed)
     torch.manual_seed(seed)
     model, processor = load_policy(model_dir)
@@ -54,7 +113,7 @@ def cold_start(model_dir: str, train_set, out_dir: str, steps: int = 150, batch_
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     samples = train_set.samples
-    bar = tqdm(range(steps), desc="cold start (format only)", disable=not progress)
+    bar = tqdm(range(steps), desc=f"cold start (format, {answers} answers)", disable=not progress)
     for step in bar:
         batch, images = [], []
         while len(batch) < batch_size:
@@ -65,7 +124,7 @@ def cold_start(model_dir: str, train_set, out_dir: str, steps: int = 150, batch_
                 continue
             batch.append(sample)
         inputs = encode_samples(processor, batch, images, train_set.rating_values)
-        targets = format_targets(batch[0].task, train_set.rating_values, batch_size, rng)
+        targets = format_targets(batch, images, train_set.rating_values, answers, taste, rng)
         rows = [tok.encode(t, add_special_tokens=False) + [eos] for t in targets]
         T = max(map(len, rows))
         ids = torch.full((batch_size, T), tok.pad_token_id)
@@ -107,17 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the batches and the thoughts")
+    parser.add_argument("--answers", choices=ANSWER_MODES, default="taste",
+                        help="taste: a random colour taste (default); uniform: uniformly random answers")  # fmt: skip
+    parser.add_argument("--taste-seed", type=int, default=0, help="seed of the random taste")
     args = parser.parse_args(argv)
-    out = cold_start(
-        args.model,
-        read_train(args.kind, args.data),
-        args.out,
-        args.steps,
-        args.batch_size,
-        args.lr,
-        args.seed,
-    )
+    out = cold_start(args.model, read_train(args.kind, args.data), args.out, args.steps, args.batch_size,
+                     args.lr, args.seed, answers=args.answers, taste_seed=args.taste_seed)  # fmt: skip
     print(f"cold-started model written to {out}")
 
 

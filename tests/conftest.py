@@ -66,7 +66,9 @@ def synthetic_ir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cold_tiny_dir(tiny_dir, synthetic_ir, tmp_path_factory):
-    """The tiny model after a short format-only cold start (random answers), so rewards vary."""
+    """The tiny model after a short cold start (the answer format, ratings from a random taste):
+    well-formed answers that vary, so rewards vary. Too short to learn which image gets which
+    rating; ``tests/test_demo.py`` checks that the demo's longer cold start does."""
     from data.imagereward import read_train
     from grpo.coldstart import cold_start
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_demo_pipeline_runs_end_to_end_and_grpo_raises_the_reward(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, str(ROOT / "experiments" / "demo.py"), "--out", str(out), "--prompts", "24",
-           "--cold-steps", "60", "--steps", "40", "--pair-steps", "4", "--eval-every", "20"]  # fmt: skip
+           "--steps", "40", "--pair-steps", "4", "--eval-every", "20"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

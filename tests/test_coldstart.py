@@ -1,0 +1,78 @@
+"""The tiny model's cold start: a random taste drawn from its own seed, and well-formed targets
+that fit the tiny experiments' token budget. That the demo's cold start yields a model whose
+answers depend on the image is checked by ``tests/test_demo.py``."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from data.prompts import parse_completion
+from data.synthetic import COLOURS, SHAPES, _draw
+from data.types import TrainSample
+from grpo.coldstart import THOUGHT, Taste, cold_start, format_targets, hue_sector
+
+ROOT = Path(__file__).resolve().parent.parent
+SCALE = tuple(range(1, 8))
+
+
+def drawn(colour: str, seed: int) -> Image.Image:
+    """One synthetic image of ``colour`` with the writer's jitter in shade, size and position."""
+    rng = np.random.default_rng(seed)
+    return _draw({"colour": colour, "shape": SHAPES[seed % 3], "defect": "none"}, 64, rng)
+
+
+def test_each_synthetic_colour_falls_in_its_own_hue_sector_despite_the_jitter():
+    sectors = {c: {hue_sector(drawn(c, s)) for s in range(40)} for c in COLOURS}
+    assert all(len(found) == 1 for found in sectors.values()), sectors
+    assert len({found.pop() for found in sectors.values()}) == len(COLOURS)
+
+
+def test_taste_is_drawn_from_its_seed_alone_and_rates_distinct_hues_differently():
+    assert Taste.draw(SCALE, 3) == Taste.draw(SCALE, 3)
+    assert len({Taste.draw(SCALE, s).ratings for s in range(10)}) == 10
+    taste = Taste.draw(SCALE, 0)
+    assert sorted(taste.ratings[: len(SCALE)]) == list(SCALE)  # a shuffled scale: no ties between sectors 0–6
+    assert {taste.rate(drawn(c, 1)) for c in COLOURS} <= set(SCALE)
+
+
+def test_pair_answer_names_the_image_the_taste_prefers_and_tosses_a_coin_on_ties():
+    taste = Taste.draw(SCALE, 0)
+    ranked = sorted(COLOURS, key=lambda c: taste.rate(drawn(c, 0)))
+    worse, better = drawn(ranked[0], 0), drawn(ranked[-1], 0)
+    rng = random.Random(0)
+    assert taste.answer("pair", [worse, better], rng) == 1
+    assert taste.answer("pair", [better, worse], rng) == 0
+    tie = [drawn(ranked[0], 1), drawn(ranked[0], 2)]
+    assert {taste.answer("pair", tie, random.Random(s)) for s in range(20)} == {0, 1}
+
+
+def test_targets_are_well_formed_and_fit_the_tiny_experiments_token_budget(tiny):
+    _, processor = tiny
+    rating = TrainSample("s", "a red circle on a white background", (), 5, "rating")
+    pair = TrainSample("p", "a red circle on a white background", (), 1, "pair")
+    rng = random.Random(0)
+    for answers in ("taste", "uniform"):
+        texts = format_targets([rating] * 30, [[drawn("red", s)] for s in range(30)], SCALE, answers,
+                               Taste.draw(SCALE, 0), rng)  # fmt: skip
+        texts += format_targets([pair] * 10, [[drawn("red", 0), drawn("blue", 0)]] * 10, None, answers,
+                                Taste.draw(SCALE, 0), rng)  # fmt: skip
+        assert all(parse_completion(t, SCALE).well_formed for t in texts[:30])
+        assert all(parse_completion(t, (0, 1)).well_formed for t in texts[30:])
+    budget = min(
+        yaml.safe_load((ROOT / "experiments" / name).read_text())["grpo"]["max_new_tokens"]
+        for name in ("tiny.yaml", "tiny_hpsv2.yaml")
+    )
+    target = f"<think>{THOUGHT}</think><answer>7</answer>"
+    n = len(processor.tokenizer.encode(target, add_special_tokens=False)) + 1  # + the end of turn
+    assert n <= budget, f"{n} target tokens do not fit in max_new_tokens={budget}"
+
+
+def test_unknown_answer_mode_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="answers must be one of"):
+        cold_start("no-such-model", None, str(tmp_path / "out"), answers="random")
