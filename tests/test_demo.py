@@ -1,8 +1,10 @@
 """``make demo`` at CI size (issue 6): the same script, fewer prompts and steps, and proof of learning.
 
-The full demo trains for minutes; here the pipeline runs end to end on a small synthetic set and
-the test asserts what a few dozen GRPO steps reliably do on this seed: the mean reward rises by
-a clear margin (the objective GRPO climbs), and the report, table and plot have the documented shape.
+The full demo trains for 400 steps; here the pipeline runs end to end with 60 GRPO steps, half
+the data and 4 pairwise steps (about 3 minutes), and the test asserts what those steps do on the
+demo's seed: the mean reward rises by a clear margin, and the soft accuracy on the held-out test
+split gains at least 0.15 over the cold-started model (the issue's bar for the full demo; measured
+here 0.474 → 0.796). It also checks the report, table and plot have the documented shape.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_demo_pipeline_runs_end_to_end_and_grpo_raises_the_reward(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, str(ROOT / "experiments" / "demo.py"), "--out", str(out), "--prompts", "24",
-           "--steps", "40", "--pair-steps", "4", "--eval-every", "20"]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "experiments" / "demo.py"), "--out", str(out), "--prompts", "128",
+           "--steps", "60", "--pair-steps", "4", "--eval-every", "30"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -42,7 +44,9 @@ def test_demo_pipeline_runs_end_to_end_and_grpo_raises_the_reward(tmp_path):
     rows = [
         json.loads(line) for line in (out / "grpo-imagereward" / "metrics.jsonl").read_text().splitlines()
     ]
-    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert [r["step"] for r in rows] == list(range(1, 61))
     first, last = (sum(r["reward_mean"] for r in part) / len(part) for part in (rows[:10], rows[-10:]))
     assert last > first + 0.15, f"GRPO did not raise the reward: {first:.3f} → {last:.3f}"
     assert any("eval/soft_spread" in r for r in rows), "held-out soft-score spread is logged during training"
+    zero, trained = report["imagereward"]["zero_shot"]["soft"], report["imagereward"]["trained"]["soft"]
+    assert trained >= zero + 0.15, f"GRPO did not raise the test soft accuracy: {zero:.3f} → {trained:.3f}"
