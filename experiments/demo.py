@@ -11,7 +11,7 @@ documents the hidden ground truth). Stages, in order:
    hue drawn from ``--taste-seed``, independent of the hidden ground truth. The tiny model then
    stands in for an instruction-following VLM that has opinions about images but no knowledge of
    the preference it is trained on (its zero-shot accuracy is how far the taste happens to agree;
-   the default taste agrees on 3 of the 6 colour pairs). Uniformly random answers
+   with the default seeds the taste orders 3 of the 6 colour pairs the right way). Uniformly random answers
    (``--cold-answers uniform``) teach the format too, but leave a model blind to the image that
    GRPO does not recover from in the demo's budget (see ``grpo/coldstart.py``);
 3. evaluate that zero-shot model on the test split: hard (sampled digit) and soft (expected
@@ -37,6 +37,7 @@ import os
 import shutil
 import sys
 import time
+from itertools import combinations
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
@@ -110,6 +111,21 @@ def taste_of_colours(taste_seed: int, ir_root: Path) -> dict[str, int]:
     scale = read_ir_train(ir_root).rating_values
     taste = Taste.draw(scale, taste_seed)
     return {name: taste.rate(Image.new("RGB", (4, 4), rgb)) for name, rgb in COLOURS.items()}
+
+
+def cold_sees_images(model_dir: Path) -> dict:
+    """Whether the cold start's answers came to depend on the image (from its ``cold_start.json``):
+    the answer loss of the last 10 steps against the loss of knowing only how often each answer
+    comes. Warns when they are close: from a model blind to the image, GRPO tends to find only
+    the rating that is best on average."""
+    record = json.loads((model_dir / "cold_start.json").read_text())
+    last = sum(record["answer_nll"][-10:]) / len(record["answer_nll"][-10:])
+    print(f"cold start: answer loss {last:.3f} over the last 10 steps, {record['answer_entropy']:.3f} "
+          f"for answers that ignore the image")  # fmt: skip
+    if record["answers"] == "taste" and last > 0.9 * record["answer_entropy"]:
+        print("WARNING: the cold-started model's answers barely depend on the image yet; GRPO will "
+              "likely find only the best constant rating. Try more --cold-steps.", file=sys.stderr)  # fmt: skip
+    return {"answer_nll_last10": round(last, 4), "answer_entropy": record["answer_entropy"]}
 
 
 def figures(report: dict, protocol: str) -> dict:
@@ -244,14 +260,16 @@ def main(argv: list[str] | None = None) -> int:
         "taste_seed": args.taste_seed,
     }
     cold_ir = cold_start(str(tiny), read_ir_train(ir_root), str(out / "cold-imagereward"), **cold)
+    taste = taste_of_colours(args.taste_seed, ir_root)
+    agree = sum((taste[a] - taste[b]) * (mapping[a] - mapping[b]) > 0 for a, b in combinations(COLOURS, 2))
     if args.cold_answers == "taste":
-        print(
-            f"random taste (seed {args.taste_seed}) on the synthetic colours: {taste_of_colours(args.taste_seed, ir_root)}"
-        )
+        print(f"random taste (seed {args.taste_seed}): {taste}; it orders {agree} of the 6 colour pairs "
+              f"as the hidden mapping does")  # fmt: skip
     print(
         "the cold-started model writes the answer format; it stands in for an instruction-following VLM "
         "with no knowledge of the hidden preference"
     )
+    sees = cold_sees_images(cold_ir)
 
     st.start("eval_zero_shot_imagereward", "zero-shot evaluation (ImageReward test split, k = 3)")
     zero_ir = run_eval(
@@ -289,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
             "cold_start": {
                 "answers": args.cold_answers,
                 "taste_seed": args.taste_seed,
-                "taste": taste_of_colours(args.taste_seed, ir_root),
-            },  # fmt: skip
+                "taste": taste,
+                "colour_pairs_ordered_as_the_mapping": agree,
+                **sees,
+            },
             "test": {
                 "prompts": trained_ir["n_groups"],
                 "images": trained_ir["n_images"],

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import json
+import math
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +85,12 @@ class Taste:
         return int(second > first) if first != second else rng.randrange(2)
 
 
+def entropy(counts: Counter) -> float:
+    """Entropy (nats) of the empirical distribution in ``counts``."""
+    n = sum(counts.values())
+    return -sum(c / n * math.log(c / n) for c in counts.values() if c)
+
+
 def format_targets(samples, images, rating_values, answers: str, taste: Taste | None,
                    rng: random.Random) -> list[str]:  # fmt: skip
     """One well-formed completion per sample; its answer comes from the taste or uniformly at random."""
@@ -98,9 +107,13 @@ def format_targets(samples, images, rating_values, answers: str, taste: Taste | 
 def cold_start(model_dir: str, train_set, out_dir: str, steps: int = 150, batch_size: int = 16,
                lr: float = 1e-3, seed: int = 0, progress: bool = True, answers: str = "taste",
                taste_seed: int = 0) -> Path:  # fmt: skip
-    """Supervised steps on format targets; saves a loadable model folder to ``out_dir``.
+    """Supervised steps on format targets; saves a loadable model folder to ``out_dir``, with
+    ``cold_start.json`` (the settings, the steps run and the answer token's loss per step).
 
     ``answers``: "taste" (a random taste drawn from ``taste_seed``) or "uniform" (uniformly random).
+    The answer token's loss per step is recorded: once it falls clearly below ``answer_entropy``
+    (the loss of a model that knows how often each answer comes but not which image gets which),
+    the answers depend on the image.
     """
     if answers not in ANSWER_MODES:
         raise ValueError(f"answers must be one of {ANSWER_MODES}, got {answers!r}")
@@ -111,6 +124,9 @@ def cold_start(model_dir: str, train_set, out_dir: str, steps: int = 150, batch_
     model.train()
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
+    answer_at = len(tok.encode(f"<think>{THOUGHT}</think><answer>", add_special_tokens=False))
+    answer_nll: list[float] = []
+    answer_counts: Counter = Counter()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     samples = train_set.samples
     bar = tqdm(range(steps), desc=f"cold start (format, {answers} answers)", disable=not progress)
@@ -139,10 +155,17 @@ def cold_start(model_dir: str, train_set, out_dir: str, steps: int = 150, batch_
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        bar.set_postfix(nll=f"{loss.item():.3f}")
+        answer_nll.append(round(-logp[:, answer_at].mean().item(), 4))
+        answer_counts.update(ids[:, answer_at].tolist())
+        bar.set_postfix(nll=f"{loss.item():.3f}", answer_nll=f"{answer_nll[-1]:.3f}",
+                        answer_entropy=f"{entropy(answer_counts):.3f}")  # fmt: skip
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
     save_processor(processor, out)
+    record = {"answers": answers, "taste_seed": taste_seed, "taste_by_hue_sector": taste.ratings,
+              "steps": steps, "batch_size": batch_size, "lr": lr, "answer_entropy": round(entropy(answer_counts), 4),
+              "answer_nll": answer_nll}  # fmt: skip
+    (out / "cold_start.json").write_text(json.dumps(record) + "\n")
     return out
 
 
@@ -162,17 +185,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model", help="model folder to start from (e.g. the tiny model)")
     parser.add_argument("data", help="training dataset folder (its prompts and images are the inputs)")
     parser.add_argument("out", help="where to save the cold-started model")
-    parser.add_argument("--kind", choices=["imagereward", "hpdv2"], default="imagereward")
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the batches and the thoughts")
+    parser.add_argument(
+        "--kind", choices=["imagereward", "hpdv2"], default="imagereward", help="dataset format"
+    )
+    parser.add_argument("--steps", type=int, default=150, help="supervised steps")
+    parser.add_argument("--batch-size", type=int, default=16, help="samples per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (10%% warm-up)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the batches, the uniform answers and the coin on tied pairs",
+    )
     parser.add_argument("--answers", choices=ANSWER_MODES, default="taste",
                         help="taste: a random colour taste (default); uniform: uniformly random answers")  # fmt: skip
     parser.add_argument("--taste-seed", type=int, default=0, help="seed of the random taste")
     args = parser.parse_args(argv)
-    out = cold_start(args.model, read_train(args.kind, args.data), args.out, args.steps, args.batch_size,
-                     args.lr, args.seed, answers=args.answers, taste_seed=args.taste_seed)  # fmt: skip
+    out = cold_start(args.model, read_train(args.kind, args.data), args.out, args.steps, args.batch_size, args.lr,
+                     args.seed, answers=args.answers, taste_seed=args.taste_seed)  # fmt: skip
     print(f"cold-started model written to {out}")
 
 

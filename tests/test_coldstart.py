@@ -4,6 +4,8 @@ answers depend on the image is checked by ``tests/test_demo.py``."""
 
 from __future__ import annotations
 
+import json
+import math
 import random
 from pathlib import Path
 
@@ -76,3 +78,21 @@ def test_targets_are_well_formed_and_fit_the_tiny_experiments_token_budget(tiny)
 def test_unknown_answer_mode_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="answers must be one of"):
         cold_start("no-such-model", None, str(tmp_path / "out"), answers="random")
+
+
+def test_cold_start_records_the_answer_loss_against_the_answers_entropy(tiny_dir, synthetic_ir, tmp_path):
+    from data.imagereward import read_train
+
+    train_set = read_train(synthetic_ir)
+    out = cold_start(str(tiny_dir), train_set, str(tmp_path / "cold"), steps=12, batch_size=4,
+                     progress=False, answers="uniform")  # fmt: skip
+    record = json.loads((out / "cold_start.json").read_text())
+    assert record["answers"] == "uniform" and len(record["answer_nll"]) == 12
+    # 48 uniform draws over the scale: close to log(len(scale)), which no empirical entropy exceeds
+    assert (
+        0.8 * math.log(len(train_set.rating_values))
+        < record["answer_entropy"]
+        <= math.log(len(train_set.rating_values))
+    )
+    assert record["answer_nll"][0] > record["answer_entropy"]  # an untrained model is worse than uniform
+    assert (out / "model.safetensors").exists()
