@@ -6,7 +6,7 @@ MODEL   ?= Qwen/Qwen2.5-VL-7B-Instruct
 DATA    ?=
 TINY    := $(RUNS)/tiny-model
 
-.PHONY: help install test lint format demo train-imagereward train-hpsv2 eval-imagereward eval-hpsv2 bench tiny-model
+.PHONY: help install test lint format demo demo-full train-imagereward train-hpsv2 eval-imagereward eval-hpsv2 bench tiny-model
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -37,6 +37,9 @@ tiny-model: $(STAMP)  ## build the tiny offline Qwen2.5-VL into runs/tiny-model
 
 demo: $(STAMP)  ## the whole method end to end on CPU: tiny model, synthetic data, cold start, GRPO, evaluation
 	$(PY) experiments/demo.py --out $(RUNS)/demo
+
+demo-full: $(STAMP)  ## make demo, then the stretch run: prompt-conditioned tier, small preset (~30 min)
+	$(PY) experiments/demo.py --out $(RUNS)/demo --stretch
 
 # Real runs (GPU): MODEL=hub id or folder, DATA=dataset folder; extra key=value overrides in ARGS.
 train-imagereward: $(STAMP)  ## GRPO on ImageRewardDB (experiments/imagereward.yaml)
