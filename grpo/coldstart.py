@@ -17,8 +17,13 @@ format too, but their loss is lowest when the answer ignores the input, and the 
 obliges: on the demo's data the image-dependent part of the hidden state at the answer position
 shrank 14× (0.63 → 0.044 against a norm of 11), and GRPO from that blind model only found the
 answer that is best on average (issue 6 notes). From a random taste it re-maps colours to the
-true ratings within a few hundred steps. This stage is not part of the paper's method and is
-never used with a real checkpoint.
+true ratings within a few hundred steps.
+
+How long it runs matters. Too short, and the answers do not yet depend on the image:
+``cold_start.json`` shows this, because the answer loss stays near the entropy of the answers.
+Far longer (300 steps on the demo's data), and GRPO stalls with two colours on one rating,
+because the KL term's frozen reference holds on to the taste. This stage is not part of the
+paper's method and is never used with a real checkpoint.
 """
 
 from __future__ import annotations
