@@ -38,7 +38,7 @@ tiny-model: $(STAMP)  ## build the tiny offline Qwen2.5-VL into runs/tiny-model
 demo: $(STAMP)  ## the whole method end to end on CPU: tiny model, synthetic data, cold start, GRPO, evaluation
 	$(PY) experiments/demo.py --out $(RUNS)/demo
 
-demo-full: $(STAMP)  ## make demo, then the stretch run: prompt-conditioned tier, small preset (~30 min)
+demo-full: $(STAMP)  ## make demo, then the stretch run: prompt-conditioned tier, small preset (~36 min)
 	$(PY) experiments/demo.py --out $(RUNS)/demo --stretch
 
 # Real runs (GPU): MODEL=hub id or folder, DATA=dataset folder; extra key=value overrides in ARGS.
