@@ -10,10 +10,11 @@ documents the hidden ground truth). Stages, in order:
    ``<think>…</think><answer>…</answer>`` with the answers of a *random taste*: a rating per
    hue drawn from ``--taste-seed``, independent of the hidden ground truth. The tiny model then
    stands in for an instruction-following VLM that has opinions about images but no knowledge of
-   the preference it is trained on (its zero-shot accuracy is how far the taste happens to agree;
-   with the default seeds the taste orders 3 of the 6 colour pairs the right way). Uniformly random answers
-   (``--cold-answers uniform``) teach the format too, but leave a model blind to the image that
-   GRPO does not recover from in the demo's budget (see ``grpo/coldstart.py``);
+   the preference it is trained on (its zero-shot accuracy is how far the taste happens to
+   agree; with the default seeds the taste orders 3 of the 6 colour pairs the right way).
+   Uniformly random answers (``--cold-answers uniform``) teach the format too, but leave a model
+   blind to the image that GRPO does not recover from in the demo's budget (see
+   ``grpo/coldstart.py``);
 3. evaluate that zero-shot model on the test split: hard (sampled digit) and soft (expected
    rating) scores, Mean@1 and Mean@3, under the ImageReward protocol (model ties count as wrong);
 4. GRPO on the training split (``experiments/tiny.yaml``), evaluating on the validation split
