@@ -107,9 +107,8 @@ def run_eval(model_dir: Path, kind: str, data_root: Path, out: Path, label: str,
     return report
 
 
-def taste_of_colours(taste_seed: int, ir_root: Path) -> dict[str, int]:
+def taste_of_colours(taste_seed: int, scale: tuple[int, ...]) -> dict[str, int]:
     """The rating the cold start's random taste gives each synthetic colour (for the report)."""
-    scale = read_ir_train(ir_root).rating_values
     taste = Taste.draw(scale, taste_seed)
     return {name: taste.rate(Image.new("RGB", (4, 4), rgb)) for name, rgb in COLOURS.items()}
 
@@ -294,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         "answers": args.cold_answers,
         "taste_seed": args.taste_seed,
     }
-    cold_ir = cold_start(str(tiny), read_ir_train(ir_root), str(out / "cold-imagereward"), **cold)
-    taste = taste_of_colours(args.taste_seed, ir_root)
+    ir_train = read_ir_train(ir_root)
+    cold_ir = cold_start(str(tiny), ir_train, str(out / "cold-imagereward"), **cold)
+    taste = taste_of_colours(args.taste_seed, ir_train.rating_values)
     agree = sum((taste[a] - taste[b]) * (mapping[a] - mapping[b]) > 0 for a, b in combinations(COLOURS, 2))
     if args.cold_answers == "taste":
         print(f"random taste (seed {args.taste_seed}): {taste}; it orders {agree} of the 6 colour pairs "
