@@ -27,13 +27,17 @@ class ModelConfig:
     name_or_path: str = "Qwen/Qwen2.5-VL-7B-Instruct"
     """Hub id or local folder of a Qwen2.5-VL-*-Instruct checkpoint (or a tiny folder)."""
     dtype: str = "bfloat16"
-    """Dtype of the weights: float32 | bfloat16 | float16."""
+    """float32 | bfloat16: the storage dtype of frozen weights (the reference copy, a frozen vision
+    tower, LoRA's base model) and, when bfloat16, the compute dtype (autocast). Trainable weights
+    are always float32 master weights (grpo.policy). float16 is refused: without loss scaling its
+    gradients overflow within a step."""
     lora_rank: int = 0
     """LoRA rank r; 0 means full fine-tuning with a frozen reference copy."""
     lora_alpha: int = 128
     """LoRA scaling α (the update is scaled by α / r)."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA input."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input. 0 by default: with dropout on, the update pass scores completions
+    with a different network than the one that sampled them, so ρ ≠ 1 on policy (μ > 1 included)."""
     freeze_vision: bool = True
     """Keep the vision tower fixed (full fine-tuning: no grad; LoRA: no adapters on it)."""
     gradient_checkpointing: bool = False
@@ -114,7 +118,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm."""
     bf16: bool = False
-    """bf16 autocast for the forward passes (fast on CPUs with AMX and on GPUs)."""
+    """bf16 autocast for the forward passes with float32 weights (fast on GPUs and on CPUs with AMX);
+    implied by model.dtype=bfloat16."""
     seed: int = 0
     """Seed of the data order, the sampling and the weight init of LoRA adapters."""
     device: str = "auto"
@@ -182,8 +187,13 @@ class Config:
             t.lr_schedule in ("constant", "cosine", "linear"), f"unknown train.lr_schedule {t.lr_schedule!r}"
         )
         _check(
-            self.model.dtype in ("float32", "bfloat16", "float16"),
-            f"unknown model.dtype {self.model.dtype!r}",
+            self.model.dtype != "float16",
+            "model.dtype=float16 is not supported: without loss scaling its gradients overflow in one "
+            "step; use bfloat16 (trainable weights stay float32 either way)",
+        )
+        _check(
+            self.model.dtype in ("float32", "bfloat16"),
+            f"model.dtype: float32 or bfloat16, not {self.model.dtype!r}",
         )
         _check(self.eval.method in ("auto", "rating", "anchor"), f"unknown eval.method {self.eval.method!r}")
         _check(0 < self.data.pair_fraction <= 1, "data.pair_fraction must be in (0, 1]")

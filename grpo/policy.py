@@ -9,6 +9,17 @@ Two ways to train, chosen by ``model.lora_rank``:
 - **Full fine-tuning** (``lora_rank = 0``): every language-model weight trains (the vision tower
   too unless ``freeze_vision``); the reference is a separate frozen copy loaded from the original
   checkpoint (no grad, eval mode, never updated). With β = 0 no reference is loaded at all.
+
+Precision (mixed, as every large-model trainer does it): **trainable weights are float32 master
+weights**, whatever ``model.dtype`` says, and the forward passes compute in bfloat16 under
+autocast (``grpo.train.autocast``). ``model.dtype`` is the storage dtype of the *frozen* weights
+only: the reference copy, a frozen vision tower, LoRA's base model. Why: an AdamW update at the
+paper's lr 1e-6 is far below half the bfloat16 spacing of a typical weight (|w| ≈ 0.02 → spacing
+≈ 1.2e-4), so stepping bfloat16 weights directly rounds ~98% of the updates away and trains
+nothing, silently (DESIGN §8). The cost: 4 bytes per trainable parameter for the weight, 4 for its
+gradient and 8 for Adam's two moments, 16 B in all (2 + 2 + 4 + 4 = 12 B for pure bfloat16 with
+float32 moments); the README's real-model section gives the totals for the 7B. Checkpoints keep
+the float32 master weights, so resume is exact.
 """
 
 from __future__ import annotations
@@ -24,10 +35,12 @@ from models.qwen_vl import load_policy
 def build_policy(cfg: Config, device: torch.device, resume_from: Path | None = None):
     """``(policy, reference or None, processor)``; weights from ``resume_from`` when resuming."""
     m = cfg.model
-    kwargs = dict(dtype=m.dtype, device=device, attn_implementation=m.attn_implementation or None)
+    kwargs = dict(device=device, attn_implementation=m.attn_implementation or None)
     full_ft = m.lora_rank == 0
     source = str(resume_from) if (resume_from is not None and full_ft) else m.name_or_path
-    policy, processor = load_policy(source, **kwargs)
+    # Full fine-tuning trains the checkpoint's own weights: load them as float32 masters. LoRA trains
+    # only its adapters (float32, peft's default), so the base loads in the storage dtype.
+    policy, processor = load_policy(source, dtype=torch.float32 if full_ft else m.dtype, **kwargs)
     if m.min_pixels:
         processor.image_processor.size["shortest_edge"] = m.min_pixels
     if m.max_pixels:
@@ -35,10 +48,10 @@ def build_policy(cfg: Config, device: torch.device, resume_from: Path | None = N
 
     reference = None
     if full_ft:
-        if m.freeze_vision:
-            policy.model.visual.requires_grad_(False)
+        if m.freeze_vision:  # frozen: stored in model.dtype like every other frozen weight
+            policy.model.visual.requires_grad_(False).to(getattr(torch, m.dtype))
         if cfg.grpo.kl_coef > 0:
-            reference, _ = load_policy(m.name_or_path, **kwargs)
+            reference, _ = load_policy(m.name_or_path, dtype=m.dtype, **kwargs)
             reference.eval().requires_grad_(False)
     else:
         from peft import LoraConfig, get_peft_model, set_peft_model_state_dict

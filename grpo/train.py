@@ -161,7 +161,10 @@ def to_device(batch: dict, device) -> dict:
 
 
 def autocast(cfg: Config, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.bf16 else nullcontext()
+    """bfloat16 compute over float32 master weights (``grpo.policy``): ``model.dtype=bfloat16`` or
+    ``train.bf16``."""
+    on = cfg.train.bf16 or cfg.model.dtype == "bfloat16"
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else nullcontext()
 
 
 # ------------------------------------------------------------------------------ the GRPO step
@@ -324,9 +327,10 @@ def train(cfg: Config) -> Path:
         metrics = average_across_ranks({**metrics, "skipped_images": skipped["bad image"]}, world)
         metrics = {"step": step + 1, "lr": lr, **metrics}
         if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.train.steps):
-            metrics.update(
-                run_eval(policy, processor, eval_groups, train_set.rating_values, cfg, rank, world)
-            )
+            with autocast(cfg, device):
+                metrics.update(
+                    run_eval(policy, processor, eval_groups, train_set.rating_values, cfg, rank, world)
+                )
         if rank == 0:
             log_step(out, metrics, buf, cfg.train.log_completions)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}",

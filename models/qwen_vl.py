@@ -25,6 +25,7 @@ Facts this module relies on (DESIGN §8, measured with transformers 5.23):
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,13 +76,40 @@ def save_processor(processor: ImageOnlyQwenVLProcessor, out_dir: str | Path) -> 
                 path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def load_chat_template(name_or_path: str, tokenizer, **hub_kwargs) -> str:
+    """The vision chat template of a checkpoint, wherever the checkpoint keeps it.
+
+    The processor's own template file comes first (``chat_template.jinja``, then the legacy
+    ``chat_template.json``), as in Hugging Face's processors; the tokenizer's template only when
+    neither exists. Order matters: Qwen2.5-VL-7B-Instruct's first upload (January 2025, and every
+    local cache made before April 2025) has the *text-only* Qwen2.5 template in
+    ``tokenizer_config.json`` and the vision template only in ``chat_template.json``.
+    """
+    from transformers.utils import cached_file
+
+    template = None
+    for name in ("chat_template.jinja", "chat_template.json"):
+        path = cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        if path is not None:
+            text = Path(path).read_text(encoding="utf-8")
+            template = text if name.endswith(".jinja") else json.loads(text)["chat_template"]
+            break
+    template = template or tokenizer.chat_template
+    if not template:
+        raise ValueError(f"{name_or_path} has no chat template; expected a Qwen2.5-VL-*-Instruct checkpoint")
+    if "<|image_pad|>" not in template:
+        raise ValueError(
+            f"{name_or_path}: its chat template has no <|image_pad|> (a text-only template); "
+            "expected a Qwen2.5-VL-*-Instruct checkpoint"
+        )
+    return template
+
+
 def load_processor(name_or_path: str, **hub_kwargs) -> ImageOnlyQwenVLProcessor:
     """The tokenizer, image processor and chat template of a Qwen2.5-VL folder or hub id."""
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False, **hub_kwargs)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path, **hub_kwargs)
-    chat_template = tokenizer.chat_template
-    if chat_template is None:
-        raise ValueError(f"{name_or_path} has no chat template; expected a Qwen2.5-VL-*-Instruct checkpoint")
+    chat_template = load_chat_template(name_or_path, tokenizer, **hub_kwargs)
     tokenizer.padding_side = "left"
     return ImageOnlyQwenVLProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
@@ -169,14 +197,32 @@ def suppressed_token_ids(processor) -> list[int]:
 
 
 def sampling_config(model, processor, max_new_tokens: int, temperature: float, min_new_tokens: int = 0):
-    """The generation settings GRPO needs: plain sampling from the full softmax at ``temperature``."""
-    gen = model.generation_config
+    """The generation settings GRPO needs: plain sampling from the full softmax at ``temperature``.
+
+    Every field that shapes the sampling distribution is set here, to its neutral value. The
+    checkpoint's ``generation_config.json`` must not leak in: ``generate()`` fills every field
+    left unset from it, and Qwen2.5-VL-7B-Instruct's sets ``repetition_penalty`` 1.05 and
+    ``temperature`` 1e-6, while GRPO scores the unpenalised softmax. Only the end-of-sequence ids
+    come from the checkpoint. ``sample_completions`` also hides the checkpoint's config from
+    ``generate()`` altogether (``neutral_generation_defaults``).
+    """
+    gen = _hf_model(model).generation_config
     eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     return GenerationConfig(
         do_sample=True,
+        num_beams=1,
         temperature=temperature,
         top_k=0,
         top_p=1.0,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0,
+        renormalize_logits=False,
+        remove_invalid_values=False,
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
         eos_token_id=eos,
@@ -184,6 +230,23 @@ def sampling_config(model, processor, max_new_tokens: int, temperature: float, m
         suppress_tokens=suppressed_token_ids(processor),
         num_return_sequences=1,
     )
+
+
+@contextmanager
+def neutral_generation_defaults(model):
+    """Hide the checkpoint's generation config from ``generate()`` while sampling.
+
+    ``generate()`` fills each field of the config it is given that is still ``None`` from
+    ``model.generation_config`` (``min_p``, ``sequence_bias``, ``bad_words_ids``, … beyond the ones
+    ``sampling_config`` sets). An empty config in its place leaves only transformers' neutral
+    defaults, so no field of any ``generation_config.json`` changes what we sample.
+    """
+    hf = _hf_model(model)
+    saved, hf.generation_config = hf.generation_config, GenerationConfig()
+    try:
+        yield
+    finally:
+        hf.generation_config = saved
 
 
 @torch.no_grad()
@@ -219,7 +282,8 @@ def sample_completions(
     L = inputs["input_ids"].shape[1]
     cfg.return_dict_in_generate = True
     cfg.output_logits = return_scores
-    out = model.generate(**inputs, generation_config=cfg)
+    with neutral_generation_defaults(model):
+        out = model.generate(**inputs, generation_config=cfg)
     ids_NT = out.sequences[:, L:]  # (N, T)
     completions = _trim(ids_NT, processor, cfg.eos_token_id, max_new_tokens)
     if return_scores:

@@ -1,4 +1,4 @@
-"""Build a tiny Qwen2.5-VL offline, deterministically: ``python -m models.tiny OUT_DIR [--seed N]``.
+"""Build a tiny Qwen2.5-VL offline, deterministically: ``python -m models.tiny OUT_DIR [--seed N] [--like DIR]``.
 
 Our machines cannot download ``Qwen/Qwen2.5-VL-7B-Instruct``, so tests, the demo and the
 benchmarks run the *same code* on a randomly initialised Qwen2.5-VL of about 1.6M parameters
@@ -16,13 +16,21 @@ whose folder looks exactly like a real checkpoint:
 Presets (DESIGN §8): ``tiny`` (text hidden 128 × 2 layers, vision 64 × 2 blocks, ~1.6M
 parameters) and ``small`` (text 256 × 4, vision 128 × 4, ~6M) for benchmarks and the
 prompt-conditioned task. The same seed gives byte-identical weights and tokenizer files.
+
+``--like DIR`` builds instead a model of a real checkpoint's configuration shrunk only in size
+(``shrink_config``): the real vocabulary, token ids, rope and vision geometry, with random weights
+and ``DIR``'s own tokenizer, chat-template, generation and processor files beside it. With
+``../shared/fixtures/qwen2.5-vl-7b-instruct`` this is how tests run the real Qwen2.5-VL-7B-Instruct
+files offline (about 40M parameters, almost all of them the 152,064-row embedding and LM head).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -219,6 +227,74 @@ def build_tiny(out_dir: str | Path, seed: int = 0, preset: str = "tiny") -> Path
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# A real checkpoint's configuration, shrunk only in size (``--like DIR``)
+
+# The files of a checkpoint folder that are not weights: tokenizer, chat template, generation
+# defaults and image processor. ``--like`` copies them unchanged, so the code paths that read them
+# (tokenization, the chat template, generate()'s inherited defaults, image-token counts) run on
+# the real files.
+CHECKPOINT_TEXT_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json",
+    "preprocessor_config.json", "processor_config.json",
+)  # fmt: skip
+
+
+def shrink_config(config: Qwen2_5_VLConfig, preset: str = "tiny") -> Qwen2_5_VLConfig:
+    """``config`` with only its sizes replaced by ``preset``'s: depth, widths, heads.
+
+    Everything else stays as the checkpoint has it: the vocabulary (152,064 for Qwen2.5-VL), every
+    token id, patch / merge / window sizes, rope θ, untied embeddings. ``mrope_section`` is scaled
+    to the smaller head (it must sum to head_dim / 2), and the vision tower keeps one windowed
+    and one full-attention block, as the real tower alternates them.
+    """
+    p = PRESETS[preset]
+    config = copy.deepcopy(config)
+    text, vision = config.text_config, config.vision_config
+    old_half = sum(text.rope_parameters["mrope_section"])
+    new_half = p["text_hidden"] // p["text_heads"] // 2
+    section = [s * new_half // old_half for s in text.rope_parameters["mrope_section"]]
+    section[0] += new_half - sum(section)  # rounding: the sum must be exact
+    text.rope_parameters = {**text.rope_parameters, "mrope_section": section}
+    text.hidden_size, text.intermediate_size = p["text_hidden"], p["text_ffn"]
+    text.num_hidden_layers, text.max_window_layers = p["text_layers"], p["text_layers"]
+    text.num_attention_heads, text.num_key_value_heads = p["text_heads"], p["text_kv_heads"]
+    text.layer_types = text.layer_types[: p["text_layers"]]
+    vision.depth, vision.hidden_size = p["vision_layers"], p["vision_hidden"]
+    vision.intermediate_size, vision.num_heads = p["vision_ffn"], p["vision_heads"]
+    vision.out_hidden_size = p["text_hidden"]
+    vision.fullatt_block_indexes = [p["vision_layers"] - 1]
+    return config
+
+
+def build_like(out_dir: str | Path, like_dir: str | Path, seed: int = 0, preset: str = "tiny") -> Path:
+    """A model of ``like_dir``'s configuration shrunk in size, with its non-weight files copied.
+
+    Random weights, ``like_dir``'s tokenizer, chat template, generation and processor files
+    unchanged. Built offline from a local folder (no download).
+    """
+    like, out = Path(like_dir), Path(out_dir)
+    if not (like / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--like {like}: no config.json there; expected a Qwen2.5-VL checkpoint folder"
+        )
+    config = shrink_config(Qwen2_5_VLConfig.from_pretrained(like), preset)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    copied = []
+    for name in CHECKPOINT_TEXT_FILES:  # after save_pretrained, which writes its own generation_config.json
+        if (like / name).is_file():
+            shutil.copyfile(like / name, out / name)
+            copied.append(name)
+    n_params = sum(t.numel() for t in model.parameters())
+    print(f"wrote a {preset}-sized model of {like}'s configuration ({n_params / 1e6:.1f}M parameters, "
+          f"vocabulary {config.text_config.vocab_size}) to {out}; copied {', '.join(copied)}")  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
@@ -228,8 +304,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), default="tiny", help="model size (default: tiny)"
     )
+    parser.add_argument(
+        "--like",
+        metavar="DIR",
+        help="copy DIR's configuration (shrunk to --preset's sizes) and its tokenizer, chat template,\n"
+        "generation and processor files, e.g. a local Qwen2.5-VL-7B-Instruct folder",
+    )
     args = parser.parse_args(argv)
-    build_tiny(args.out_dir, seed=args.seed, preset=args.preset)
+    if args.like:
+        build_like(args.out_dir, args.like, seed=args.seed, preset=args.preset)
+    else:
+        build_tiny(args.out_dir, seed=args.seed, preset=args.preset)
 
 
 if __name__ == "__main__":
