@@ -33,7 +33,13 @@ from data.images import BadImageError, normalize_image
 from data.prompts import parse_completion
 from data.types import ImageRef
 from eval.score import METHODS, GroupResult, ScoringSpec, score_groups, seeded
-from models.qwen_vl import load_policy, load_processor
+from models.qwen_vl import (
+    DEFAULT_MAX_PIXELS,
+    image_token_count,
+    load_policy,
+    load_processor,
+    set_pixel_bounds,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEFAULT_SCALE = (1, 2, 3, 4, 5, 6, 7)  # ImageRewardDB's overall_rating range
@@ -53,6 +59,7 @@ class PreferenceScorer:
     """A reasoning judge as a reward function: ``score(prompt, images) -> list[float]``.
 
     ``model`` is a checkpoint folder or hub id, or an already loaded ``(model, processor)``.
+    ``max_pixels`` caps the image area as in ``load_model`` (None: the training cap).
     """
 
     def __init__(
@@ -68,9 +75,10 @@ class PreferenceScorer:
         debias: bool = False,
         dtype: str = "float32",
         device: str = "cpu",
+        max_pixels: int | None = None,
     ) -> None:
         if isinstance(model, (str, Path)):
-            model = load_model(str(model), dtype, device)
+            model = load_model(str(model), dtype, device, max_pixels=max_pixels)
         self.model, self.processor = model
         self.model.eval()
         self.spec = ScoringSpec(method, tuple(scale) if method == "rating" else (), k, max_new_tokens,
@@ -98,8 +106,16 @@ class PreferenceScorer:
         return self.judge(prompt, images).scores[f"soft@{self.spec.k}"]
 
 
-def load_model(name_or_path: str, dtype: str, device: str, min_pixels: int = 0, max_pixels: int = 0):
-    """A judge for scoring: a full checkpoint, or a LoRA checkpoint folder (merged onto its base)."""
+def load_model(
+    name_or_path: str, dtype: str, device: str, min_pixels: int = 0, max_pixels: int | None = None
+):
+    """A judge for scoring: a full checkpoint, or a LoRA checkpoint folder (merged onto its base).
+
+    ``max_pixels=None`` caps images as training does: a checkpoint trained here (``config.yaml``
+    beside its weights) keeps the cap its processor was saved with; any other checkpoint, e.g. the
+    base Qwen2.5-VL whose processor allows 16,384 tokens per image, is capped at
+    ``DEFAULT_MAX_PIXELS`` (512 tokens). ``0`` keeps the processor's own bounds.
+    """
     folder = Path(name_or_path)
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         from peft import PeftModel  # only LoRA checkpoints need it
@@ -110,10 +126,11 @@ def load_model(name_or_path: str, dtype: str, device: str, min_pixels: int = 0, 
         processor = load_processor(str(folder))
     else:
         model, processor = load_policy(name_or_path, dtype=dtype, device=device)
-    if min_pixels:
-        processor.image_processor.size["shortest_edge"] = min_pixels
-    if max_pixels:
-        processor.image_processor.size["longest_edge"] = max_pixels
+    if max_pixels is None:
+        trained_here = (folder / "config.yaml").is_file()
+        own = processor.image_processor.size["longest_edge"]
+        max_pixels = 0 if trained_here else min(own, DEFAULT_MAX_PIXELS)
+    set_pixel_bounds(processor, min_pixels, max_pixels)
     return model.eval(), processor
 
 
@@ -171,15 +188,18 @@ def shorten(text: str, width: int = 60) -> str:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
-def format_table(rows: list[Ranked], names: list[str], anchor: int | None) -> str:
-    header = f"{'rank':>4}  {'score':>8}  {'hard':>5}  {'file':<24}  reasoning"
+def format_table(rows: list[Ranked], names: list[str], anchor: int | None, tokens: list[int]) -> str:
+    """The ranking, best first; ``tokens[i]`` is the image tokens image ``i`` cost."""
+    header = f"{'rank':>4}  {'score':>8}  {'hard':>5}  {'tokens':>6}  {'file':<24}  reasoning"
     lines = [header, "-" * len(header)]
     for position, r in enumerate(rows, start=1):
         note = "(anchor)" if r.index == anchor else shorten(r.reasoning) or "—"
         name = (
             names[r.index] if len(names[r.index]) <= 24 else "…" + names[r.index][-23:]
         )  # keep the file name
-        lines.append(f"{position:>4}  {r.soft:>8.4f}  {r.hard:>5.2f}  {name:<24}  {note}")
+        lines.append(
+            f"{position:>4}  {r.soft:>8.4f}  {r.hard:>5.2f}  {tokens[r.index]:>6}  {name:<24}  {note}"
+        )
     return "\n".join(lines)
 
 
@@ -202,6 +222,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the rollouts and the anchor draw")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help=f"cap on each image's area; default: the cap of a checkpoint trained here, else {DEFAULT_MAX_PIXELS:,} "
+        "(512 image tokens, the training default); 0 keeps the processor's own",
+    )
     parser.add_argument("--json", help="also write the scores and every rollout's text to this file")
     args = parser.parse_args(argv)
     try:
@@ -220,15 +247,21 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, "error: no image could be decoded\n")
 
     scorer = PreferenceScorer(args.model, args.method, args.k, scale, args.max_new_tokens, args.temperature,
-                              args.seed, debias=args.debias, dtype=args.dtype, device=args.device)  # fmt: skip
+                              args.seed, debias=args.debias, dtype=args.dtype, device=args.device,
+                              max_pixels=args.max_pixels)  # fmt: skip
     result = scorer.judge(args.prompt, images)
     rows = ranked(result, scorer.spec)
-    print(format_table(rows, names, result.anchor))
+    tokens = [image_token_count(scorer.processor, im) for im in images]
+    print(format_table(rows, names, result.anchor, tokens))
+    cap = scorer.processor.image_processor.size["longest_edge"]
+    print(f"image tokens: {sum(tokens)} in all (images capped at {cap:,} pixels; --max-pixels changes it)")
     if args.json:
         out = {
             "prompt": args.prompt, "model": args.model, "method": args.method, "debias": args.debias,
             "k": args.k, "seed": args.seed, "anchor": None if result.anchor is None else names[result.anchor],
-            "ranking": [{"rank": n, "file": names[r.index], "soft": r.soft, "hard": r.hard} for n, r in enumerate(rows, 1)],
+            "max_pixels": cap,
+            "ranking": [{"rank": n, "file": names[r.index], "soft": r.soft, "hard": r.hard,
+                         "image_tokens": tokens[r.index]} for n, r in enumerate(rows, 1)],
             "requests": [{"files": [names[i] for i in idx], "texts": j.texts, "soft": j.soft, "hard": j.hard}
                          for idx, j in zip(result.requests, result.judgements)],
         }  # fmt: skip

@@ -4,7 +4,7 @@ A *request* is one question to the model: a rating of one image, or a comparison
 of the same prompt. Each request is answered by ``k`` reasoning rollouts sampled in one batched
 ``generate`` (``sample_completions(group_size=k)``), and every rollout gets two scores:
 
-- **soft** (arXiv 2503.19948 §3.3, ``models.soft_head.soft_scores``): the expectation of the
+- **soft** (arXiv 2503.19948 §3, ``models.soft_head.soft_scores``): the expectation of the
   answer under the model's answer-token distribution, read at the answer position after the
   model's own reasoning: ``E[r | C] = Σ_i r_i p(r_i | C)`` over the rating scale, or
   ``p(1 | C) = e^{f(1)} / (e^{f(0)} + e^{f(1)})`` for a pair (the second image is better). A

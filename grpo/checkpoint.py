@@ -6,7 +6,7 @@ A checkpoint folder ``OUTPUT_DIR/checkpoint-000300/`` holds
 |--------------------------|------|
 | model.safetensors …      | the policy in Hugging Face format (full fine-tuning) |
 | adapter_model.safetensors| the LoRA adapter (LoRA runs), plus ``merged/`` when asked |
-| tokenizer / processor    | so the folder loads with ``models.qwen_vl.load_policy`` |
+| tokenizer / processor    | ``processor_config.json``, ``preprocessor_config.json`` (the training pixel cap), tokenizer and chat template under the standard ``Qwen2_5_VLProcessor`` class: the folder loads with ``models.qwen_vl.load_policy`` and with plain transformers |
 | optimizer.safetensors    | AdamW moments, flattened to ``state.{param}.{key}`` tensors |
 | rng.safetensors          | torch CPU and CUDA RNG states of every rank, numpy's of rank 0 |
 | trainer_state.json       | step, data position of every rank, param groups, python RNG, numpy RNG scalars |
@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from grpo.config import Config, save_config
+from models.qwen_vl import save_processor
 
 _NAME = re.compile(r"checkpoint-(\d+)")
 
@@ -64,8 +65,8 @@ def save_checkpoint(
     policy.save_pretrained(tmp, safe_serialization=True)
     if save_merged and hasattr(policy, "merge_and_unload"):
         _save_merged(policy, tmp / "merged")
-        processor.save_pretrained(tmp / "merged")
-    processor.save_pretrained(tmp)
+        save_processor(processor, tmp / "merged")
+    save_processor(processor, tmp)
 
     tensors, param_groups = _flatten_optimizer(optimizer)
     save_file(tensors, tmp / "optimizer.safetensors")

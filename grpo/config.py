@@ -85,7 +85,8 @@ class GRPOConfig:
     kl_coef: float = 0.04
     """β: weight of the KL penalty to the frozen reference policy; 0 skips the reference."""
     kl_estimator: str = "k3"
-    """KL estimator: k3 (unbiased, non-negative) | k1 (log π/π_ref, the paper's literal form)."""
+    """KL estimator: k3 (unbiased, non-negative) | k1 (log π/π_ref, the paper's literal form; as a
+    loss term on-policy its expected gradient is zero, so it logs the KL but does not restrain it)."""
     ppo_epochs: int = 1
     """μ: policy updates per batch of rollouts; μ > 1 stores old log-probs in the buffer."""
     minibatch_size: int = 16

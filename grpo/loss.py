@@ -1,4 +1,4 @@
-"""The GRPO objective (arXiv 2402.03300 eq. 3; arXiv 2503.19948 §3), written term by term.
+"""The GRPO objective (arXiv 2402.03300 eq. 3; arXiv 2503.19948 §2.2), written term by term.
 
 For completion i of a group and its token t, with ρ_it = π_θ(o_it | q, o_i<t) / π_θold(o_it | …):
 
@@ -15,7 +15,11 @@ Deviations from the paper, on purpose (DESIGN §4):
   default we use Schulman's ``k3`` = π_ref/π_θ − log(π_ref/π_θ) − 1, which is unbiased for
   KL(π_θ‖π_ref) under samples from π_θ, always ≥ 0 and has lower variance
   (http://joschu.net/blog/kl-approx.html); the DeepSeekMath GRPO paper uses k3 too.
-  ``kl_estimator="k1"`` restores the literal term.
+  ``kl_estimator="k1"`` restores the literal term, for comparison only: **as a loss term on
+  samples from π_θ, k1 regularises nothing.** Its gradient is ∇log π_θ(o), whose expectation
+  under o ~ π_θ is zero (the score-function identity), so β·k1 adds noise and no pull towards
+  π_ref. (k1 does regularise when it is subtracted from the *reward*, as in PPO-style RLHF; GRPO
+  puts the KL in the loss, where k3's gradient is the one that points back to π_ref.)
 - **Advantage std.** The unbiased group std (divisor G − 1) lives in ``grpo.advantages``; this
   module takes the advantages as given.
 - **Aggregation.** ``seq-mean`` (the paper's 1/G Σ_i 1/|o_i| Σ_t) is the default;
@@ -47,6 +51,9 @@ def kl_k3(logp_NT: Tensor, ref_logp_NT: Tensor) -> Tensor:
 
 def kl_k1(logp_NT: Tensor, ref_logp_NT: Tensor) -> Tensor:
     """The naive estimator, the paper's literal term: k1 = log π_θ − log π_ref (can be < 0).
+
+    An unbiased estimate of KL(π_θ ‖ π_ref), but as a loss term on-policy its expected gradient is
+    zero (see the module docstring): it measures the KL, it does not restrain it.
 
     Shapes: (N, T) → (N, T).
     """

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from grpo.config import LANGUAGE_LORA_TARGET, VISION_LORA_TARGET, Config
-from models.qwen_vl import load_policy
+from models.qwen_vl import load_policy, set_pixel_bounds
 
 
 def build_policy(cfg: Config, device: torch.device, resume_from: Path | None = None):
@@ -41,10 +41,7 @@ def build_policy(cfg: Config, device: torch.device, resume_from: Path | None = N
     # Full fine-tuning trains the checkpoint's own weights: load them as float32 masters. LoRA trains
     # only its adapters (float32, peft's default), so the base loads in the storage dtype.
     policy, processor = load_policy(source, dtype=torch.float32 if full_ft else m.dtype, **kwargs)
-    if m.min_pixels:
-        processor.image_processor.size["shortest_edge"] = m.min_pixels
-    if m.max_pixels:
-        processor.image_processor.size["longest_edge"] = m.max_pixels
+    set_pixel_bounds(processor, m.min_pixels, m.max_pixels)
 
     reference = None
     if full_ft:

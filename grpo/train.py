@@ -1,6 +1,6 @@
 """GRPO training of a Qwen2.5-VL preference judge: ``python -m grpo.train CONFIG.yaml [key=value ...]``.
 
-One step, in the order of the paper (arXiv 2503.19948 §3, after DeepSeekMath's GRPO):
+One step, in the order of the paper (arXiv 2503.19948 §2.2, after DeepSeekMath's GRPO):
 
 1. sample B prompts and G completions for each, in one batched ``generate``;
 2. score every completion with the task's rewards (format + exact [+ approximate]);

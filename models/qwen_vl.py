@@ -64,16 +64,27 @@ class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
 
 
 def save_processor(processor: ImageOnlyQwenVLProcessor, out_dir: str | Path) -> None:
-    """Save the processor so that plain ``AutoProcessor`` can load the folder too."""
+    """Save the processor so that plain Hugging Face tools load the folder as a real checkpoint.
+
+    Writes what an upstream Qwen2.5-VL folder has: ``processor_config.json`` and
+    ``preprocessor_config.json`` (with ``min_pixels`` / ``max_pixels``, the keys older
+    transformers read), the tokenizer and the chat template, all naming the standard
+    ``Qwen2_5_VLProcessor`` (our image-only subclass is only how we load it without torchvision).
+    """
     out = Path(out_dir)
     processor.save_pretrained(out)
+    processor.image_processor.save_pretrained(out)  # preprocessor_config.json
+    size = processor.image_processor.size
     for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
         path = out / name
-        if path.exists():
-            cfg = json.loads(path.read_text())
-            if "processor_class" in cfg:
-                cfg["processor_class"] = "Qwen2_5_VLProcessor"
-                path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        if not path.exists():
+            continue
+        cfg = json.loads(path.read_text())
+        if "processor_class" in cfg or name != "tokenizer_config.json":
+            cfg["processor_class"] = "Qwen2_5_VLProcessor"
+        if name == "preprocessor_config.json":
+            cfg["min_pixels"], cfg["max_pixels"] = size["shortest_edge"], size["longest_edge"]
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def load_chat_template(name_or_path: str, tokenizer, **hub_kwargs) -> str:
@@ -136,6 +147,25 @@ def load_policy(
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, **kwargs).to(device)
     processor = load_processor(name_or_path, **hub_kwargs)
     return model, processor
+
+
+# 512 · 28 · 28: at most 512 image tokens per image, the cap of the shipped experiments. The real
+# processor allows 12,845,056 pixels (16,384 tokens): a 4000×3000 photo would cost 15,301 tokens.
+DEFAULT_MAX_PIXELS = 401_408
+
+
+def set_pixel_bounds(processor, min_pixels: int = 0, max_pixels: int = 0) -> None:
+    """Override the image processor's area bounds in pixels (0 keeps the checkpoint's)."""
+    if min_pixels:
+        processor.image_processor.size["shortest_edge"] = min_pixels
+    if max_pixels:
+        processor.image_processor.size["longest_edge"] = max_pixels
+
+
+def image_token_count(processor, image: Image.Image) -> int:
+    """``<|image_pad|>`` tokens ``image`` costs under the processor's current pixel bounds."""
+    ip = processor.image_processor
+    return ip.get_number_of_image_patches(image.height, image.width) // ip.merge_size**2
 
 
 def token_ids(processor, texts: list[str] | tuple[str, ...]) -> list[int]:

@@ -1,4 +1,4 @@
-"""Soft scores: turn the answer-token logits into a continuous score (arXiv 2503.19948, §3.3).
+"""Soft scores: turn the answer-token logits into a continuous score (arXiv 2503.19948, §3).
 
 Instead of the digit the model sampled, read the distribution at the answer position:
 
@@ -35,6 +35,15 @@ def expected_rating(logits: torch.Tensor, rating_token_ids, rating_values) -> to
 def pair_probability(logits: torch.Tensor, token_id_0: int, token_id_1: int) -> torch.Tensor:
     """``p(1) = e^{f(1)} / (e^{f(0)} + e^{f(1)})`` for logits ``(..., V)`` → ``(...)``."""
     return torch.sigmoid(logits[..., token_id_1].float() - logits[..., token_id_0].float())
+
+
+def answer_score(logits: torch.Tensor, answer_ids: list[int], answer_values: tuple[int, ...]) -> torch.Tensor:
+    """The soft score of the task: ``pair_probability`` for the pair answers (0, 1), else
+    ``expected_rating`` (for (0, 1) the two are the same number; the pairwise equation is the one
+    the paper writes)."""
+    if tuple(answer_values) == (0, 1):
+        return pair_probability(logits, answer_ids[0], answer_ids[1])
+    return expected_rating(logits, answer_ids, answer_values)
 
 
 def answer_token_index(token_texts: list[str], answer: int) -> int | None:
@@ -131,7 +140,7 @@ def soft_scores(
     if direct.numel():
         sub = select_rows(inputs, direct)
         logits = logits_at(model, sub, ids_NT[direct], mask_NT[direct], pos[direct].to(ids_NT.device))
-        scores[direct] = expected_rating(logits, answer_ids, answer_values).cpu()
+        scores[direct] = answer_score(logits, answer_ids, answer_values).cpu()
     fallback = (pos < 0).nonzero().squeeze(1)
     if fallback.numel():
         scores[fallback] = _fallback_scores(model, tok, select_rows(inputs, fallback), [texts[i] for i in fallback],
@@ -151,4 +160,4 @@ def _fallback_scores(model, tok, inputs: dict, texts: list[str], answer_ids, ans
     device = inputs["input_ids"].device
     pos = mask.sum(dim=1)  # one past the last real token: the answer would go there
     logits = logits_at(model, inputs, ids.to(device), mask.to(device), pos.to(device))
-    return expected_rating(logits, answer_ids, answer_values).cpu()
+    return answer_score(logits, answer_ids, answer_values).cpu()

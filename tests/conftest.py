@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 from models.qwen_vl import load_policy
-from models.tiny import build_tiny
+from models.tiny import build_like, build_tiny
+
+# ``../shared/fixtures`` beside the checkout (CI has it; a user's fresh clone may not).
+SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+REAL_QWEN_FILES = SHARED_FIXTURES / "qwen2.5-vl-7b-instruct"
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +80,26 @@ def cold_tiny_dir(tiny_dir, synthetic_ir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cold") / "model"
     return cold_start(str(tiny_dir), read_train(synthetic_ir), str(out), steps=60, batch_size=8, lr=2e-3,
                       progress=False)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def real_files():
+    """The real Qwen2.5-VL-7B-Instruct non-weight files (``../shared/fixtures``), or a skip."""
+    if not (REAL_QWEN_FILES / "config.json").is_file():
+        pytest.skip(f"{REAL_QWEN_FILES} is absent: the real Qwen2.5-VL-7B-Instruct files live in ../shared")
+    return REAL_QWEN_FILES
+
+
+@pytest.fixture(scope="session")
+def like_dir(real_files, tmp_path_factory):
+    """A model of the real Qwen2.5-VL-7B-Instruct configuration shrunk in size (``models.tiny --like``):
+    vocabulary 152,064, the real tokenizer, chat template, generation and processor files."""
+    return build_like(tmp_path_factory.mktemp("like") / "model", real_files, seed=0)
+
+
+@pytest.fixture(scope="session")
+def like(like_dir):
+    """``(model, processor)`` of ``like_dir`` in eval mode. Tests must not change its weights."""
+    torch.manual_seed(0)
+    model, processor = load_policy(str(like_dir))
+    return model.eval(), processor

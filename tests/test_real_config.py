@@ -1,0 +1,161 @@
+"""The real Qwen2.5-VL-7B-Instruct files (issue 11): tokenizer, chat template, generation defaults,
+image processor, on a model of the real configuration shrunk only in size (``models.tiny --like``).
+
+Random weights make the outputs meaningless, never the plumbing: these tests check what the tiny
+preset's own tokenizer and generation config cannot, e.g. that ``generate()`` does not inherit
+``repetition_penalty`` 1.05 from the checkpoint. They skip where ``../shared`` is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import solid
+from PIL import Image
+
+from data.prompts import messages_for
+from models.qwen_vl import (
+    DEFAULT_MAX_PIXELS,
+    build_inputs,
+    completion_logprobs,
+    image_token_count,
+    load_policy,
+    load_processor,
+    render_prompt,
+    repeat_inputs,
+    sample_completions,
+    set_pixel_bounds,
+    token_ids,
+)
+from models.soft_head import soft_scores
+from models.tiny import CHECKPOINT_TEXT_FILES, QWEN_CHAT_TEMPLATE
+
+SCALE = (1, 2, 3, 4, 5, 6, 7)
+
+
+def _prompt(processor, task: str, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+    text = render_prompt(processor, messages_for(task, "a red fox in the snow", len(images), SCALE))
+    return build_inputs(processor, [text], [images])
+
+
+def test_like_keeps_the_real_configuration_but_its_size(like_dir, real_files):
+    real = json.loads((real_files / "config.json").read_text())
+    ours = json.loads((like_dir / "config.json").read_text())
+    text, vision = ours["text_config"], ours["vision_config"]
+    assert text["vocab_size"] == real["vocab_size"] == 152_064
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        assert ours[key] == real[key], key
+    assert (text["bos_token_id"], text["eos_token_id"]) == (real["bos_token_id"], real["eos_token_id"])
+    assert (text["hidden_size"], text["num_hidden_layers"]) == (128, 2)
+    assert (text["num_attention_heads"], text["num_key_value_heads"]) == (4, 2)
+    # head_dim 32: the real [16, 24, 24] (sum 64 = 128 / 2) scaled by 1/4 to sum 16
+    assert text["rope_parameters"]["mrope_section"] == [4, 6, 6]
+    assert text["rope_parameters"]["rope_theta"] == real["rope_theta"]
+    assert vision["depth"] == 2 and vision["fullatt_block_indexes"] == [1]
+    for key in ("patch_size", "spatial_merge_size", "temporal_patch_size", "window_size"):
+        assert vision[key] == real["vision_config"][key], key
+    assert ours["tie_word_embeddings"] is False
+    for name in CHECKPOINT_TEXT_FILES:  # copied unchanged, after save_pretrained wrote its own
+        if (real_files / name).is_file():
+            assert (like_dir / name).read_bytes() == (real_files / name).read_bytes(), name
+
+
+def test_our_chat_template_is_the_real_one(real_files):
+    real = json.loads((real_files / "chat_template.json").read_text())["chat_template"]
+    assert QWEN_CHAT_TEMPLATE == real
+
+
+def test_answers_are_single_tokens_and_the_soft_head_reads_right_before_them(like):
+    model, processor = like
+    assert token_ids(processor, [str(d) for d in range(10)]) == list(range(15, 25))  # real Qwen ids
+    inputs = _prompt(processor, "rating", [solid("red", 64)])
+    text = "<think>The fox is sharp.</think><answer>6</answer>"
+    ids = torch.tensor([processor.tokenizer.encode(text, add_special_tokens=False)])
+    k = ids[0].tolist().index(token_ids(processor, ["6"])[0])  # the answer digit's position
+    score, fallback = soft_scores(model, processor, inputs, ids, torch.ones_like(ids), [text], SCALE)
+    assert not fallback.any(), "a well-formed answer is read in place"
+    # The same number by hand: one plain forward, the logits at the token *before* the digit.
+    L = inputs["input_ids"].shape[1]
+    full = {**inputs, "input_ids": torch.cat([inputs["input_ids"], ids], 1),
+            "attention_mask": torch.ones(1, L + ids.shape[1], dtype=torch.long),
+            "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids)], 1)}  # fmt: skip
+    with torch.no_grad():
+        logits = model(**full).logits[0, L + k - 1]  # (V,)
+    p = torch.softmax(logits[list(range(16, 23))].float(), -1)  # digits 1…7 are ids 16…22
+    torch.testing.assert_close(score, (p * torch.arange(1.0, 8.0)).sum().reshape(1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("task,n_images", [("rating", 1), ("pair", 2)])
+def test_real_template_renders_one_vision_block_per_image(like, task, n_images):
+    _, processor = like
+    images = [solid("red", 64), solid("blue", 96)][:n_images]
+    inputs = _prompt(processor, task, images)
+    ids = inputs["input_ids"][0].tolist()
+    tok = processor.tokenizer
+    start, pad = tok.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>"])
+    assert ids.count(start) == n_images
+    expected = sum(image_token_count(processor, im) for im in images)
+    assert ids.count(pad) == expected == int(inputs["image_grid_thw"].prod(dim=1).sum()) // 4
+    text = tok.decode(ids)
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_load_policy_reads_the_vision_template_of_the_first_upload(like_dir, real_files, tmp_path):
+    # January 2025: tokenizer_config.json held the text-only Qwen2.5 template, chat_template.json the
+    # vision one. Reading only the tokenizer's failed ("can only concatenate str (not "list") to str").
+    old = tmp_path / "revision-2025-01"
+    shutil.copytree(like_dir, old)
+    for f in (real_files / "revision-2025-01").iterdir():
+        shutil.copyfile(f, old / f.name)
+    from transformers import AutoTokenizer
+
+    assert "<|image_pad|>" not in AutoTokenizer.from_pretrained(old).chat_template, "the fixture's trap"
+    processor = load_processor(str(old))
+    inputs = _prompt(processor, "pair", [solid("red"), solid("blue")])
+    start = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    assert inputs["input_ids"][0].tolist().count(start) == 2
+
+
+def test_image_token_counts_under_the_real_processor_and_our_cap(like_dir):
+    processor = load_processor(str(like_dir))
+    assert processor.image_processor.size["longest_edge"] == 12_845_056  # the real cap: 16,384 tokens
+    photo = Image.new("RGB", (4000, 3000), "gray")
+    assert image_token_count(processor, photo) == 15_301
+    set_pixel_bounds(processor, max_pixels=DEFAULT_MAX_PIXELS)
+    assert image_token_count(processor, photo) == 494
+    inputs = build_inputs(processor, ["<|vision_start|><|image_pad|><|vision_end|>"], [[photo]])
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert int((inputs["input_ids"] == pad).sum()) == 494, "the processor itself honours the cap"
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampling_ignores_the_checkpoints_generation_config(like, temperature):
+    # The real generation_config.json sets repetition_penalty 1.05 and temperature 1e-6; generate()
+    # fills every field left unset from it. Both samplers must draw from the plain softmax at our
+    # temperature: the same tokens with the same seed, and log-probs that match that distribution.
+    # Checked by hand: without neutral_generation_defaults (and with the penalty left unset) the
+    # generate() draws differ from our loop's.
+    model, processor = like
+    assert model.generation_config.repetition_penalty == 1.05 and model.generation_config.temperature == 1e-6
+    inputs = _prompt(processor, "rating", [solid("red", 64)])
+    torch.manual_seed(3)
+    theirs = sample_completions(model, processor, inputs, 3, 12, temperature, share_prefix=False)
+    torch.manual_seed(3)
+    ours, logits_NTV = sample_completions(model, processor, inputs, 3, 12, temperature, return_scores=True,
+                                          share_prefix=True)  # fmt: skip
+    assert torch.equal(theirs.ids_NT, ours.ids_NT)
+    assert model.generation_config.repetition_penalty == 1.05, "the checkpoint's config is left as it was"
+    real = ours.mask_NT.bool()
+    sampled = torch.log_softmax(logits_NTV.float() / temperature, -1)
+    sampled = sampled.gather(-1, ours.ids_NT.unsqueeze(-1)).squeeze(-1)  # (N, T)
+    scored = completion_logprobs(model, repeat_inputs(inputs, 3), ours.ids_NT, ours.mask_NT, temperature)
+    torch.testing.assert_close(scored[real], sampled[real], atol=1e-5, rtol=0)
+
+
+def test_bfloat16_load_of_the_real_configuration(like_dir):
+    model, _ = load_policy(str(like_dir), dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
