@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import solid
+from conftest import biased_towards_eos, solid
 from PIL import Image
 
 from data.prompts import messages_for
@@ -24,10 +24,13 @@ from models.qwen_vl import (
     image_token_count,
     load_policy,
     load_processor,
+    neutral_generation_defaults,
     render_prompt,
     repeat_inputs,
     sample_completions,
+    sampling_config,
     set_pixel_bounds,
+    suppressed_token_ids,
     token_ids,
 )
 from models.soft_head import soft_scores
@@ -132,27 +135,58 @@ def test_image_token_counts_under_the_real_processor_and_our_cap(like_dir):
     assert int((inputs["input_ids"] == pad).sum()) == 494, "the processor itself honours the cap"
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sampling_ignores_the_checkpoints_generation_config(like, temperature):
-    # The real generation_config.json sets repetition_penalty 1.05 and temperature 1e-6; generate()
-    # fills every field left unset from it. Both samplers must draw from the plain softmax at our
-    # temperature: the same tokens with the same seed, and log-probs that match that distribution.
-    # Checked by hand: without neutral_generation_defaults (and with the penalty left unset) the
-    # generate() draws differ from our loop's.
+@pytest.fixture(scope="module")
+def eos_prone_like(like):
+    """The real-config model with +10 on the <|im_end|> logit (~13% per step), so completions end at
+    varied lengths, and a logit a repetition penalty would change (<|im_end|> is in every prompt)."""
     model, processor = like
+    return biased_towards_eos(model, processor, 10.0), processor
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_generate_samples_the_plain_softmax_whatever_the_checkpoint_says(eos_prone_like, temperature):
+    # The real generation_config.json sets repetition_penalty 1.05 and temperature 1e-6, and
+    # generate() fills every field left unset from it. The scores generate() samples from (after
+    # its logits processors) must be logits / temperature with only the vision tokens suppressed.
+    # Checked by hand: without neutral_generation_defaults and repetition_penalty=1 this fails.
+    model, processor = eos_prone_like
     assert model.generation_config.repetition_penalty == 1.05 and model.generation_config.temperature == 1e-6
     inputs = _prompt(processor, "rating", [solid("red", 64)])
+    cfg = sampling_config(model, processor, 8, temperature)
+    cfg.num_return_sequences, cfg.return_dict_in_generate, cfg.output_scores, cfg.output_logits = (
+        2,
+        True,
+        True,
+        True,
+    )
+    torch.manual_seed(0)
+    with neutral_generation_defaults(model):
+        out = model.generate(**inputs, generation_config=cfg)
+    assert model.generation_config.repetition_penalty == 1.05, "the checkpoint's config is left as it was"
+    processed, raw = torch.stack(out.scores, 1).float(), torch.stack(out.logits, 1).float()  # (N, T, V)
+    allowed = torch.ones(raw.shape[-1], dtype=torch.bool)
+    allowed[suppressed_token_ids(processor)] = False
+    assert torch.isinf(processed[..., ~allowed]).all()
+    torch.testing.assert_close(torch.log_softmax(processed[..., allowed], -1),
+                               torch.log_softmax(raw[..., allowed] / temperature, -1), atol=1e-5, rtol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_generate_and_our_sampling_loop_draw_the_same_tokens(eos_prone_like, temperature):
+    # Same seed, same distribution, one multinomial draw per step: the same tokens; and the
+    # re-forward log-probs that GRPO scores match the distribution the tokens were drawn from.
+    model, processor = eos_prone_like
+    inputs = _prompt(processor, "rating", [solid("red", 64)])
     torch.manual_seed(3)
-    theirs = sample_completions(model, processor, inputs, 3, 12, temperature, share_prefix=False)
+    theirs = sample_completions(model, processor, inputs, 4, 16, temperature, share_prefix=False)
     torch.manual_seed(3)
-    ours, logits_NTV = sample_completions(model, processor, inputs, 3, 12, temperature, return_scores=True,
+    ours, logits_NTV = sample_completions(model, processor, inputs, 4, 16, temperature, return_scores=True,
                                           share_prefix=True)  # fmt: skip
     assert torch.equal(theirs.ids_NT, ours.ids_NT)
-    assert model.generation_config.repetition_penalty == 1.05, "the checkpoint's config is left as it was"
     real = ours.mask_NT.bool()
     sampled = torch.log_softmax(logits_NTV.float() / temperature, -1)
     sampled = sampled.gather(-1, ours.ids_NT.unsqueeze(-1)).squeeze(-1)  # (N, T)
-    scored = completion_logprobs(model, repeat_inputs(inputs, 3), ours.ids_NT, ours.mask_NT, temperature)
+    scored = completion_logprobs(model, repeat_inputs(inputs, 4), ours.ids_NT, ours.mask_NT, temperature)
     torch.testing.assert_close(scored[real], sampled[real], atol=1e-5, rtol=0)
 
 
