@@ -9,7 +9,9 @@ preset's own tokenizer and generation config cannot, e.g. that ``generate()`` do
 from __future__ import annotations
 
 import json
+import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,3 +195,51 @@ def test_generate_and_our_sampling_loop_draw_the_same_tokens(eos_prone_like, tem
 def test_bfloat16_load_of_the_real_configuration(like_dir):
     model, _ = load_policy(str(like_dir), dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora_rank", [0, 8], ids=["full-fine-tuning", "lora"])
+def test_shipped_experiment_runs_on_the_real_configuration(like_dir, synthetic_ir, tmp_path, lora_rank, capsys):
+    # experiments/imagereward.yaml as shipped (bf16 compute over float32 masters, activation
+    # checkpointing, frozen vision tower, pixel cap), only smaller: 2 steps, G = 2, 8 new tokens.
+    from grpo.config import load_config
+    from grpo.train import train
+
+    out = tmp_path / "run"
+    cfg = load_config("experiments/imagereward.yaml", [
+        f"model.name_or_path={like_dir}", f"model.lora_rank={lora_rank}", f"data.root={synthetic_ir}",
+        f"train.output_dir={out}", "train.device=cpu", "train.steps=2", "train.save_every=0",
+        "grpo.group_size=2", "grpo.prompts_per_step=2", "grpo.max_new_tokens=8", "grpo.minibatch_size=4",
+        "eval.every=0", "data.subset=",
+    ])  # fmt: skip
+    ckpt = train(cfg)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
+
+    if lora_rank == 0:  # the checkpoint is a Hugging Face folder that plain transformers opens
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        from safetensors.torch import load_file
+
+        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt)
+        assert hf.config.text_config.vocab_size == 152_064
+        stored = load_file(ckpt / "model.safetensors")
+        assert {t.dtype for k, t in stored.items() if "visual" not in k} == {torch.float32}, "float32 masters"
+        assert {t.dtype for k, t in stored.items() if "visual" in k} == {torch.bfloat16}, "frozen, model.dtype"
+    pre = json.loads((ckpt / "preprocessor_config.json").read_text())
+    assert pre["processor_class"] == "Qwen2_5_VLProcessor" and pre["max_pixels"] == DEFAULT_MAX_PIXELS
+    assert json.loads((ckpt / "processor_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
+
+    from eval.rank import main as rank_main
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (1400, 1000), "red").save(big)
+    small = tmp_path / "small.png"
+    solid("blue", 64).save(small)
+    rank_main(["--model", str(ckpt), "--prompt", "a red square", "--max-new-tokens", "8", str(big), str(small)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:5] == ["rank", "score", "hard", "tokens", "file"]
+    tokens = {Path(row.split()[4]).name: int(row.split()[3]) for row in lines[2:4]}
+    # 1400×1000 under the checkpoint's 401,408-pixel cap → 532×728 pixels → 19 × 26 = 494 tokens
+    # (15,301 would be the real processor's own cap); 64×64 → 56×56 → 2 × 2 = 4
+    assert tokens == {"big.png": 494, "small.png": 4}
