@@ -199,7 +199,9 @@ def test_bfloat16_load_of_the_real_configuration(like_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lora_rank", [0, 8], ids=["full-fine-tuning", "lora"])
-def test_shipped_experiment_runs_on_the_real_configuration(like_dir, synthetic_ir, tmp_path, lora_rank, capsys):
+def test_shipped_experiment_runs_on_the_real_configuration(
+    like_dir, synthetic_ir, tmp_path, lora_rank, capsys
+):
     # experiments/imagereward.yaml as shipped (bf16 compute over float32 masters, activation
     # checkpointing, frozen vision tower, pixel cap), only smaller: 2 steps, G = 2, 8 new tokens.
     from grpo.config import load_config
@@ -217,18 +219,21 @@ def test_shipped_experiment_runs_on_the_real_configuration(like_dir, synthetic_i
     assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
 
     if lora_rank == 0:  # the checkpoint is a Hugging Face folder that plain transformers opens
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
         from safetensors.torch import load_file
+        from transformers import Qwen2_5_VLForConditionalGeneration
 
         hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt)
         assert hf.config.text_config.vocab_size == 152_064
         stored = load_file(ckpt / "model.safetensors")
         assert {t.dtype for k, t in stored.items() if "visual" not in k} == {torch.float32}, "float32 masters"
-        assert {t.dtype for k, t in stored.items() if "visual" in k} == {torch.bfloat16}, "frozen, model.dtype"
+        assert {t.dtype for k, t in stored.items() if "visual" in k} == {torch.bfloat16}, (
+            "frozen, model.dtype"
+        )
     pre = json.loads((ckpt / "preprocessor_config.json").read_text())
     assert pre["processor_class"] == "Qwen2_5_VLProcessor" and pre["max_pixels"] == DEFAULT_MAX_PIXELS
-    assert json.loads((ckpt / "processor_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
+    assert (
+        json.loads((ckpt / "processor_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
+    )
 
     from eval.rank import main as rank_main
 
@@ -236,7 +241,9 @@ def test_shipped_experiment_runs_on_the_real_configuration(like_dir, synthetic_i
     Image.new("RGB", (1400, 1000), "red").save(big)
     small = tmp_path / "small.png"
     solid("blue", 64).save(small)
-    rank_main(["--model", str(ckpt), "--prompt", "a red square", "--max-new-tokens", "8", str(big), str(small)])
+    rank_main(
+        ["--model", str(ckpt), "--prompt", "a red square", "--max-new-tokens", "8", str(big), str(small)]
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:5] == ["rank", "score", "hard", "tokens", "file"]
     tokens = {Path(row.split()[4]).name: int(row.split()[3]) for row in lines[2:4]}
