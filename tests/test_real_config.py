@@ -250,3 +250,24 @@ def test_shipped_experiment_runs_on_the_real_configuration(
     # 1400×1000 under the checkpoint's 401,408-pixel cap → 532×728 pixels → 19 × 26 = 494 tokens
     # (15,301 would be the real processor's own cap); 64×64 → 56×56 → 2 × 2 = 4
     assert tokens == {"big.png": 494, "small.png": 4}
+
+
+@pytest.mark.slow
+def test_share_prefix_does_not_change_what_grpo_samples(like_dir, synthetic_ir, tmp_path):
+    # grpo.share_prefix=false samples with generate(), true with our own loop; under the real
+    # generation_config.json both must write the same completions at the first step.
+    from grpo.config import load_config
+    from grpo.train import train
+
+    texts = {}
+    for share in (True, False):
+        out = tmp_path / f"share-{share}"
+        train(load_config("experiments/imagereward.yaml", [
+            f"model.name_or_path={like_dir}", f"data.root={synthetic_ir}", "data.subset=", f"train.output_dir={out}",
+            "train.device=cpu", "train.steps=1", "train.save_every=0", "grpo.group_size=3", "grpo.prompts_per_step=2",
+            "grpo.max_new_tokens=8", "grpo.kl_coef=0", "model.gradient_checkpointing=false", "eval.every=0",
+            f"grpo.share_prefix={str(share).lower()}", "train.log_completions=6",
+        ]))  # fmt: skip
+        rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+        texts[share] = [(r["sample_id"], r["text"]) for r in rows]
+    assert len(texts[True]) == 6 and texts[True] == texts[False]
