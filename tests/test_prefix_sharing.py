@@ -162,7 +162,9 @@ def test_update_pass_is_the_same_with_shared_prefixes(tiny_dir, tmp_path):
     torch.manual_seed(5)
     ids = torch.randint(0, 800, (3 * G, T))
     mask = torch.ones_like(ids)
-    cfg = load_config(None, ["grpo.group_size=2", "grpo.minibatch_size=4", "grpo.kl_coef=0.1"])
+    cfg = load_config(
+        None, ["model.dtype=float32", "grpo.group_size=2", "grpo.minibatch_size=4", "grpo.kl_coef=0.1"]
+    )
     moved = []
     for share in (False, True):
         m = copy.deepcopy(model).train()
