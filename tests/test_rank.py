@@ -30,7 +30,8 @@ def folder(tmp_path):
 def _table_rows(out: str) -> list[list[str]]:
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("rank")) + 2  # header, rule
-    return [line.split() for line in lines[start:] if line.strip() and not line.startswith("wrote")]
+    rows = lines[start:]
+    return [line.split() for line in rows if line.strip() and not line.startswith(("wrote", "image tokens"))]
 
 
 @pytest.mark.parametrize("method", ["rating", "anchor"])
@@ -43,7 +44,8 @@ def test_rank_cli_on_a_folder_prints_three_rows(tiny_dir, folder, tmp_path, caps
     assert [int(r[0]) for r in rows] == [1, 2, 3]
     scores = [float(r[1]) for r in rows]
     assert scores == sorted(scores, reverse=True)  # best first
-    assert {r[3].rsplit("/", 1)[-1] for r in rows} == {"red.png", "green.png", "blue.png"}
+    assert {r[4].rsplit("/", 1)[-1] for r in rows} == {"red.png", "green.png", "blue.png"}
+    assert [int(r[3]) for r in rows] == [4, 4, 4], "64×64 images cost 4 image tokens each"
     saved = json.loads(out_json.read_text())
     assert [r["soft"] for r in saved["ranking"]] == pytest.approx(scores, abs=1e-4)
     assert len(saved["requests"]) == (3 if method == "rating" else 2)
