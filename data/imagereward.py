@@ -99,16 +99,20 @@ def read_train(
     return TrainSet(samples, rating_values, skipped)
 
 
-def read_eval(root: str | Path, split: str = "test") -> EvalSet:
+def read_eval(
+    root: str | Path, split: str = "test", rating_field: str = "", rating_values: tuple[int, ...] = ()
+) -> EvalSet:
     """One group per prompt: its images and their human rank levels (lower = better).
 
     A rank must be a positive integer (a NaN, fractional or non-positive rank skips its row); an
-    image listed twice for one prompt is kept once.
+    image listed twice for one prompt is kept once. With ``rating_field`` and ``rating_values``
+    (ImageRewardDB's own layout), a row whose rating is outside the scale, NaN or fractional is
+    skipped and counted as in training: it is a damaged row.
     """
     root = Path(root)
     skipped: Counter = Counter()
     if _has_hf_layout(root, split) or not (root / f"{split}.json").is_file():
-        groups = _hf_groups(root, split, skipped)
+        groups = _hf_groups(root, split, skipped, rating_field, tuple(rating_values))
     else:
         groups = _github_groups(root, split, skipped)
     small = [g for g in groups if len(g.images) < 2]
@@ -134,10 +138,17 @@ def _has_hf_layout(root: Path, split: str) -> bool:
     return (root / f"metadata-{split}.parquet").is_file() or (root / "images" / split).is_dir()
 
 
-def _hf_groups(root: Path, split: str, skipped: Counter) -> list[EvalGroup]:
+def _hf_groups(
+    root: Path, split: str, skipped: Counter, rating_field: str, rating_values: tuple[int, ...]
+) -> list[EvalGroup]:
     """Group the per-image rows by ``prompt_id``, in order of first appearance."""
     by_prompt: dict[str, tuple[str, list[ImageRef], list[float], list[str]]] = {}
     for where, row, ref in _hf_rows(root, split, None, skipped):
+        if rating_field and rating_values:
+            problem = rating_problem(row.get(rating_field), rating_values)
+            if problem is not None:
+                skip_row(skipped, problem, where, f"{rating_field} {row.get(rating_field)!r}")
+                continue
         rank, prompt_id = as_int(row.get("rank")), row.get("prompt_id")
         if rank is None or rank < 1 or not isinstance(prompt_id, str):
             skip_row(skipped, "malformed row", where, f"a positive integer rank and a prompt_id are required, "
