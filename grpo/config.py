@@ -236,8 +236,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Read a YAML experiment, apply ``section.key=value`` overrides, type-check, validate."""
     raw = {}
     if path is not None:
-        with open(path) as fh:
-            raw = yaml.safe_load(fh) or {}
+        try:
+            with open(path, "rb") as fh:
+                raw = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
@@ -250,7 +253,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {key} is not a section")
-        node[keys[-1]] = yaml.safe_load(value) if value != "" else ""
+        try:
+            node[keys[-1]] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML") from e
     config = _build(Config, raw, "")
     config.validate()
     return config

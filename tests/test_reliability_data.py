@@ -292,6 +292,7 @@ def _outside_image(tmp_path: Path, src: Path) -> Path:
 def test_hpdv2_paths_that_escape_the_root_are_skipped(hpd, tmp_path):
     root = _copy(hpd, tmp_path)
     rows = json.loads((root / "train.json").read_text())
+
     def key(r):
         return "file_path" if "file_path" in r else "image_path"
 
