@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.errors import user_errors_exit
+from data.errors import DataError, user_errors_exit
 from data.images import BadImageError
 from data.types import EvalGroup
 from eval.metrics import count_pairs, hpsv2_accuracy, imagereward_accuracy, pairwise_accuracy
@@ -171,7 +171,7 @@ def evaluate(
         model.train(was_training)
         bar.close()
     if not results:
-        raise ValueError(f"no group could be evaluated: skipped {dict(skipped)}")
+        raise DataError(f"no group could be evaluated: skipped {dict(skipped)}")
     report = build_report(results, kept, spec, kind, time.perf_counter() - t0, skipped, len(groups))
     report.update(label=label or model_name, model=model_name, skipped_reading=dict(read_skipped or {}))
     if out_dir is not None:
@@ -378,7 +378,7 @@ def run(args, parser) -> None:
         groups, processor.tokenizer, cfg.data.max_prompt_tokens, read_skipped, "prompt"
     )
     if not groups:
-        raise ValueError(
+        raise DataError(
             f"no evaluation prompt is within data.max_prompt_tokens: skipped {dict(read_skipped)}"
         )
     evaluate(model, processor, groups, cfg.data.kind, scale, cfg.eval,

@@ -291,7 +291,11 @@ def run(args, parser) -> None:
     if prompt_problem(args.prompt) is not None:
         raise DataError(f"--prompt: {prompt_problem(args.prompt)}")
     try:
-        scale = parse_scale(args.scale) if args.scale else (saved_scale(args.model)[0] or DEFAULT_SCALE)
+        saved, source = saved_scale(args.model)
+        scale = parse_scale(args.scale) if args.scale else (saved or DEFAULT_SCALE)
+        if saved and scale != saved:
+            print(f"note: --scale {args.scale} differs from the scale the model was trained on, {saved} "
+                  f"({source})", file=sys.stderr)  # fmt: skip
         paths = once_each(expand_images(args.images))
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")

@@ -272,3 +272,35 @@ def test_commands_end_to_end_without_traceback(tmp_path, hpd, tiny_dir):
              "data.kind=hpdv2", "eval.every=1", f"train.output_dir={tmp_path / 'o'}")  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "test.json is not valid JSON" in r.stderr.strip().splitlines()[-1]
+
+
+def test_train_on_undecodable_images_is_one_line(tmp_path, synthetic_ir, tiny_dir, capsys):
+    # every image member garbled inside intact zips: the reader cannot tell, the loader can
+    import zipfile
+
+    data = tmp_path / "ir"
+    shutil.copytree(synthetic_ir, data)
+    for z in (data / "images/train").glob("*.zip"):
+        with zipfile.ZipFile(z) as zf:
+            members = {n: zf.read(n) for n in zf.namelist()}
+        with zipfile.ZipFile(z, "w") as zf:
+            for name, payload in members.items():
+                zf.writestr(name, payload if name.endswith(".json") else b"RIFF\x00\x00garbled webp")
+    line = user_error(train_main, train_args(tiny_dir, data, tmp_path / "o"), capsys)
+    assert "too many undecodable images" in line
+
+
+def test_evaluate_with_no_decodable_image_is_a_data_error(tiny, tmp_path):
+    from data.errors import DataError
+    from data.types import EvalGroup, ImageRef
+    from eval.evaluate import evaluate
+    from grpo.config import EvalConfig
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    groups = [
+        EvalGroup("g", "a prompt", (ImageRef(str(bad)), ImageRef(str(tmp_path / "gone.png"))), (1.0, 2.0))
+    ]
+    model, processor = tiny
+    with pytest.raises(DataError, match="no group could be evaluated"):
+        evaluate(model, processor, groups, "imagereward", (1, 2, 3), EvalConfig(), 4, progress=False)

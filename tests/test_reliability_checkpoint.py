@@ -301,3 +301,15 @@ def test_kill_during_save_then_resume_ends_identical(run, cold_tiny_dir, synthet
     a = load_file(run / "checkpoint-000003/model.safetensors")
     b = load_file(out / "checkpoint-000003/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loading_for_evaluation_hashes_what_it_reads_only(run, tmp_path):
+    out = copy_run(run, tmp_path)
+    ckpt = out / "checkpoint-000003"
+    flip_bytes(ckpt / "optimizer.safetensors")  # same size: found only by its hash
+    check_model_source(str(ckpt))  # evaluation never reads the optimizer
+    with pytest.raises(CheckpointError, match="optimizer.safetensors is corrupt"):
+        verify_checkpoint(ckpt, need_trainer_state=True)  # a resume does
+    (ckpt / "optimizer.safetensors").write_bytes(b"")  # a size mismatch is found either way
+    with pytest.raises(CheckpointError, match="optimizer.safetensors is truncated"):
+        check_model_source(str(ckpt))
