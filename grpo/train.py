@@ -312,8 +312,8 @@ def train(cfg: Config) -> Path:
             raise CheckpointError(
                 f"{ckpt} was written by {len(positions)} process(es); resume it with as many"
             )
-        if rank == 0:
-            trim_logs(out, start)
+    if rank == 0 and cfg.train.resume:  # also with no checkpoint yet: a crash before the first save
+        trim_logs(out, start)
     stream = SampleStream(len(train_set.samples), cfg.train.seed, rank, world, positions[rank])
 
     if rank == 0:

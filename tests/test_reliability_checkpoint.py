@@ -313,3 +313,14 @@ def test_loading_for_evaluation_hashes_what_it_reads_only(run, tmp_path):
     (ckpt / "optimizer.safetensors").write_bytes(b"")  # a size mismatch is found either way
     with pytest.raises(CheckpointError, match="optimizer.safetensors is truncated"):
         check_model_source(str(ckpt))
+
+
+def test_resume_auto_before_any_checkpoint_forgets_the_crashed_runs_log(
+    cold_tiny_dir, synthetic_ir, tmp_path, one_thread
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.5}\n{"step": 2, "rew')  # died at step 2
+    train(tiny_config(cold_tiny_dir, synthetic_ir, out, "train.resume=auto", "train.steps=1"))
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1], "the crashed run's lines are dropped, not mixed with the new run's"
