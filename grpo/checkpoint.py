@@ -98,9 +98,12 @@ def save_checkpoint(
         )
         raise CheckpointError(f"could not save {final}: {reason(e)}; {kept}") from e
 
-    if final.exists():  # re-saving the same step (e.g. the end of a resumed run)
-        _remove(final)
-    tmp.rename(final)
+    if final.exists():  # re-saving the same step (e.g. the end of a resumed run): swap, then delete
+        doomed = _set_aside(final)
+        tmp.rename(final)
+        shutil.rmtree(doomed)
+    else:
+        tmp.rename(final)
     # Prune only checkpoints at or before this step: higher numbers are from an earlier run of
     # this folder that was resumed from further back (e.g. past a damaged checkpoint), and they
     # are overwritten when the run gets there.
@@ -115,12 +118,16 @@ def step_of(ckpt: Path) -> int:
     return int(_NAME.fullmatch(ckpt.name).group(1))
 
 
-def _remove(folder: Path) -> None:
-    """Rename out of the checkpoint namespace first: a kill mid-delete leaves no half checkpoint."""
+def _set_aside(folder: Path) -> Path:
+    """Rename out of the checkpoint namespace, so that a kill mid-delete leaves no half checkpoint."""
     doomed = folder.with_name(f".deleting-{folder.name}")
     shutil.rmtree(doomed, ignore_errors=True)
     folder.rename(doomed)
-    shutil.rmtree(doomed)
+    return doomed
+
+
+def _remove(folder: Path) -> None:
+    shutil.rmtree(_set_aside(folder))
 
 
 def _write_checkpoint(tmp: Path, step, policy, processor, optimizer, rank_states, config, save_merged, task):
