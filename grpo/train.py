@@ -120,7 +120,8 @@ def read_eval_groups(cfg: Config) -> list:
     if cfg.data.kind == "imagereward":
         from data.imagereward import read_eval
 
-        groups = read_eval(root, split=cfg.eval.split).groups
+        groups = read_eval(root, split=cfg.eval.split, rating_field=cfg.data.rating_field,
+                           rating_values=cfg.data.rating_values).groups  # fmt: skip
     else:
         from data.hpdv2 import read_eval
 
