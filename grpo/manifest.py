@@ -212,3 +212,23 @@ def saved_scale(name_or_path: str) -> tuple[tuple[int, ...] | None, str]:
     if info is None or not info["rating_values"]:
         return None, ""
     return info["rating_values"], str(path / TASK_FILE)
+
+
+def task_record(train_set, rating_field: str) -> dict:
+    """What ``task.json`` records for a training set (``data.sets.TrainSet``)."""
+    task = train_set.samples[0].task
+    return {"task": task, "rating_values": train_set.rating_values,
+            "rating_field": rating_field if task == "rating" else ""}  # fmt: skip
+
+
+def check_same_task(ckpt: Path | None, train_set) -> None:
+    """A resume must not change the task or the rating scale the checkpoint was trained on."""
+    info = read_task(ckpt) if ckpt is not None else None
+    if info is None:
+        return
+    task = train_set.samples[0].task
+    if (info["task"], info["rating_values"]) != (task, train_set.rating_values):
+        raise CheckpointError(
+            f"{ckpt} was trained for task {info['task']} on scale {info['rating_values']}; this config "
+            f"asks for {task} on {train_set.rating_values} (data.rating_min/rating_max)"
+        )

@@ -43,7 +43,7 @@ from grpo.advantages import group_advantages, group_stats
 from grpo.checkpoint import load_trainer_state, resolve_resume, save_checkpoint, trim_logs
 from grpo.config import Config, load_config, save_config
 from grpo.loss import grpo_loss
-from grpo.manifest import check_model_source, load_errors_as_checkpoint_error, read_task
+from grpo.manifest import check_model_source, check_same_task, load_errors_as_checkpoint_error, task_record
 from grpo.policy import build_policy, reference_logprobs
 from grpo.rewards import compute_rewards
 from grpo.rollout import RolloutBuffer, buffer_logprobs, encode_samples
@@ -349,7 +349,7 @@ def train(cfg: Config) -> Path:
             rank_states = gather_rank_states(policy, stream.position, world)
             if rank == 0:
                 save_checkpoint(out, step + 1, policy, processor, optimizer, rank_states, cfg,
-                                cfg.train.keep_last, cfg.train.save_merged, task_of(train_set, cfg))  # fmt: skip
+                                cfg.train.keep_last, cfg.train.save_merged, task_record(train_set, cfg.data.rating_field))  # fmt: skip
     if world > 1:
         dist.barrier()
     return out / f"checkpoint-{cfg.train.steps:06d}"
@@ -398,26 +398,6 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def task_of(train_set, cfg: Config) -> dict:
-    """What ``task.json`` records: evaluation and ranking read the scale back from the checkpoint."""
-    task = train_set.samples[0].task
-    return {"task": task, "rating_values": train_set.rating_values,
-            "rating_field": cfg.data.rating_field if task == "rating" else ""}  # fmt: skip
-
-
-def check_same_task(ckpt: Path | None, train_set) -> None:
-    """A resume must not change the task or the rating scale the model was trained on."""
-    info = read_task(ckpt) if ckpt is not None else None
-    if info is None:
-        return
-    task = train_set.samples[0].task
-    if (info["task"], info["rating_values"]) != (task, train_set.rating_values):
-        raise CheckpointError(
-            f"{ckpt} was trained for task {info['task']} on scale {info['rating_values']}; this config "
-            f"asks for {task} on {train_set.rating_values} (data.rating_min/rating_max)"
-        )
 
 
 def drop_prompts_too_long(train_set, eval_groups: list, tokenizer, max_tokens: int) -> None:
