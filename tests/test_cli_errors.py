@@ -304,3 +304,15 @@ def test_evaluate_with_no_decodable_image_is_a_data_error(tiny, tmp_path):
     model, processor = tiny
     with pytest.raises(DataError, match="no group could be evaluated"):
         evaluate(model, processor, groups, "imagereward", (1, 2, 3), EvalConfig(), 4, progress=False)
+
+
+def test_output_folder_that_is_a_file_and_the_traceback_switch(
+    tmp_path, synthetic_ir, tiny_dir, capsys, monkeypatch
+):
+    a_file = tmp_path / "run"
+    a_file.write_text("not a folder")
+    line = user_error(train_main, train_args(tiny_dir, synthetic_ir, a_file, "train.resume=auto"), capsys)
+    assert str(a_file) in line
+    monkeypatch.setenv("GRPO_TRACEBACK", "1")  # a user error with its traceback, for a bug report
+    with pytest.raises(NotADirectoryError):
+        train_main(train_args(tiny_dir, synthetic_ir, a_file, "train.resume=auto"))
