@@ -9,8 +9,15 @@ Layout::
 
 **Image paths** in the json are relative to ``ROOT/train/`` resp. ``ROOT/test/`` (HPSv2's own
 loaders join them onto the image folder, e.g. ``"00000.jpg"``). A path that already starts
-with the folder (``"test/00000.jpg"``) resolves against ``ROOT`` instead; an absolute path is
-used as is. Whichever of ``ROOT/{split}/path`` and ``ROOT/path`` exists is taken, in that order.
+with the folder (``"test/00000.jpg"``) resolves against ``ROOT`` instead. Whichever of
+``ROOT/{split}/path`` and ``ROOT/path`` exists is taken, in that order. A path that leaves
+``ROOT`` (absolute, or ``..`` climbing out) is never opened: its row is skipped and counted.
+
+**Duplicates**: a train pair that repeats an earlier one (same prompt, same two images, same
+preferred image, in either order) is dropped and counted; a test prompt that lists an image
+twice keeps it once, and a test prompt repeating an earlier one (same text, same images) is
+dropped. Pairs with the same images but the *opposite* preference are kept: that is human
+disagreement, which the data is meant to hold.
 
 **Training subset** (arXiv 2503.19948 trains on a random 25% of the pairs): each row ``i`` gets
 a key ``blake2b(f"{seed}:{i}")``; the ``round(fraction · n)`` rows with the smallest keys are
@@ -31,14 +38,26 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from data.sets import EvalSet, TrainSet, as_int, as_number, check_prompt, log_summary, parse_json, skip_row
+from data.errors import DataError
+from data.sets import (
+    EvalSet,
+    TrainSet,
+    as_int,
+    as_number,
+    first_occurrences,
+    inside_root,
+    log_summary,
+    parse_json,
+    prompt_problem,
+    skip_row,
+)
 from data.types import EvalGroup, ImageRef, TrainSample
 
 
 def read_train(root: str | Path, fraction: float = 0.25, seed: int = 0) -> TrainSet:
     """A seeded ``fraction`` of the train pairs as ``"pair"`` samples (target 1 = second image better)."""
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        raise DataError(f"fraction must be in (0, 1], got {fraction}")
     root = Path(root)
     path = root / "train.json"
     rows = parse_json(path.read_bytes(), str(path))
@@ -46,7 +65,7 @@ def read_train(root: str | Path, fraction: float = 0.25, seed: int = 0) -> Train
         sorted(range(len(rows)), key=lambda i: _hash(seed, i, "subset"))[: round(fraction * len(rows))]
     )
     skipped: Counter = Counter()
-    samples, resolve = [], _resolver(root, "train")
+    samples, resolve, pair_keys, wheres = [], _resolver(root, "train"), [], []
     for i in chosen:
         row, where = rows[i], f"{path} row {i}"
         if not isinstance(row, dict):
@@ -63,9 +82,13 @@ def read_train(root: str | Path, fraction: float = 0.25, seed: int = 0) -> Train
                 skipped, "malformed row", where, "need 2 image paths and human_preference [1,0] or [0,1]"
             )
             continue
-        prompt = check_prompt(row.get("prompt"))
-        if prompt is None:
-            skip_row(skipped, "empty prompt", where)
+        prompt = row.get("prompt")
+        problem = prompt_problem(prompt)
+        if problem is not None:
+            skip_row(skipped, problem, where)
+            continue
+        if any(inside_root(root, p) is None for p in paths):
+            skip_row(skipped, "image path outside the dataset folder", where, ", ".join(map(repr, paths)))
             continue
         refs = [resolve(p) for p in paths]
         if None in refs:
@@ -73,11 +96,17 @@ def read_train(root: str | Path, fraction: float = 0.25, seed: int = 0) -> Train
             skip_row(skipped, "missing image", where, ", ".join(missing))
             continue
         second_preferred = as_int(pref[1]) == 1
+        pair_keys.append(
+            (prompt, frozenset(refs), refs[int(second_preferred)])
+        )  # order-free, with the winner
+        wheres.append(where)
         if _hash(seed, i, "flip") & 1:  # show the pair the other way round; the label follows
             refs, second_preferred = refs[::-1], not second_preferred
         samples.append(TrainSample(f"hpdv2-train-{i}", prompt, tuple(refs), int(second_preferred), "pair"))
+    keep = first_occurrences(pair_keys, skipped, wheres)
+    samples = [s for s, k in zip(samples, keep) if k]
     if not samples:
-        raise ValueError(f"no usable pairs in {path}: skipped {dict(skipped)}")
+        raise DataError(f"no usable pairs in {path}: skipped {dict(skipped)}")
     log_summary(
         f"HPDv2 train {root} ({len(chosen)} of {len(rows)} pairs drawn)", len(samples), "pairs", skipped
     )
@@ -104,15 +133,20 @@ def read_eval(root: str | Path) -> EvalSet:
         if any(r is None for r in ranks):
             skip_row(skipped, "malformed row", where, f"non-numeric rank {rank}")
             continue
-        prompt = check_prompt(row.get("prompt"))
-        if prompt is None:
-            skip_row(skipped, "empty prompt", where)
+        prompt = row.get("prompt")
+        problem = prompt_problem(prompt)
+        if problem is not None:
+            skip_row(skipped, problem, where)
             continue
         refs, kept = [], []
         for p, r in zip(paths, ranks):
-            ref = resolve(p)
-            if ref is None:
+            ref = resolve(p) if inside_root(root, p) is not None else None
+            if inside_root(root, p) is None:
+                skip_row(skipped, "image path outside the dataset folder", where, repr(p))
+            elif ref is None:
                 skip_row(skipped, "missing image", where, p)
+            elif ref in refs:
+                skip_row(skipped, "duplicate row", where, f"{p} listed twice")
             else:
                 refs.append(ref)
                 kept.append(r)
@@ -120,8 +154,11 @@ def read_eval(root: str | Path) -> EvalSet:
             skip_row(skipped, "fewer than 2 usable images", where)
             continue
         groups.append(EvalGroup(f"hpdv2-test-{i}", prompt, tuple(refs), tuple(kept)))
+    keep = first_occurrences([(g.prompt, frozenset(g.images)) for g in groups], skipped,
+                             [f"{path} row {g.group_id.rsplit('-', 1)[1]}" for g in groups])  # fmt: skip
+    groups = [g for g, k in zip(groups, keep) if k]
     if not groups:
-        raise ValueError(f"no usable prompts in {path}: skipped {dict(skipped)}")
+        raise DataError(f"no usable prompts in {path}: skipped {dict(skipped)}")
     log_summary(f"HPDv2 test {root}", len(groups), "prompts", skipped)
     return EvalSet(groups, skipped)
 

@@ -23,6 +23,12 @@ Layout (one row per image)::
 
 ``read_train`` gives one ``"rating"`` sample per image (target = the rating); ``read_eval`` one
 group per ``prompt_id`` with the human ``rank`` of each image (1 = best, ties allowed).
+
+**The rating scale is configured, never read from the data** (DESIGN §6, §9): ``RATING_SCALE``
+(1–7, ImageRewardDB's ``overall_rating``) unless the caller passes another. A row rated outside
+it, NaN or fractional is skipped and counted, so one bad row cannot turn the 1–7 task into 1–8.
+Rows are also skipped and counted for an ``image_path`` that leaves ``ROOT``, a prompt that is
+not valid text, and a repeat of an earlier image (see ``data.sets``).
 """
 
 from __future__ import annotations
@@ -31,18 +37,33 @@ import logging
 import posixpath
 import re
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from data.sets import EvalSet, TrainSet, as_int, as_number, check_prompt, log_summary, parse_json, skip_row
+from data.errors import DataError, one_line
+from data.sets import (
+    EvalSet,
+    TrainSet,
+    as_int,
+    as_number,
+    first_occurrences,
+    inside_root,
+    log_summary,
+    parse_json,
+    prompt_problem,
+    rating_problem,
+    read_parquet_rows,
+    skip_row,
+)
 from data.types import EvalGroup, ImageRef, TrainSample
 
 logger = logging.getLogger(__name__)
 
 SUBSET_PARTS = {"1k": 4, "2k": 8, "4k": 16, "8k": 32}  # subset -> number of leading train zips
+RATING_SCALE = tuple(range(1, 8))  # overall_rating (and the other two rating columns): 1 worst … 7 best
+ZIP_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError)  # a damaged or truncated zip
 Row = tuple[str, dict, ImageRef]  # (where, row, image): "where" names file and row for messages
 
 
@@ -51,48 +72,47 @@ def read_train(
     split: str = "train",
     subset: str | None = None,
     rating_field: str = "overall_rating",
-    rating_values: tuple[int, ...] | None = None,
+    rating_values: tuple[int, ...] = RATING_SCALE,
 ) -> TrainSet:
     """One ``"rating"`` sample per image of ``split``: the image, its prompt, target = its rating.
 
-    ``rating_values`` (the scale the model answers on) defaults to the observed integer range
-    ``min..max`` of ``rating_field``; pass it to fix the scale, and rows outside it are skipped.
-    Ratings must be single digits 0–9: the soft head reads one answer token per rating.
+    ``rating_values`` is the scale the model answers on (default ``RATING_SCALE``, 1–7); rows
+    whose ``rating_field`` is outside it, NaN or fractional are skipped and counted. Ratings must
+    be single digits 0–9: the soft head reads one answer token per rating.
     """
     root = Path(root)
+    rating_values = tuple(sorted(set(rating_values)))
+    _check_scale(rating_values, rating_field, root)
     skipped: Counter = Counter()
     samples = []
     for where, row, ref in _hf_rows(root, split, subset, skipped):
-        rating = as_int(row.get(rating_field))
-        if rating is None:
-            skip_row(skipped, f"missing {rating_field}", where, repr(row.get(rating_field)))
+        value = row.get(rating_field)
+        problem = rating_problem(value, rating_values)
+        if problem is not None:
+            scale = f"{rating_field} {value!r}, scale {rating_values[0]}-{rating_values[-1]}"
+            skip_row(skipped, problem, where, scale)
             continue
-        samples.append(TrainSample(row["image_path"], row["prompt"], (ref,), rating, "rating"))
-    if rating_values is None:
-        ratings = [s.target for s in samples] or [0]
-        rating_values = tuple(range(min(ratings), max(ratings) + 1))
-        _check_scale(rating_values, rating_field, root)
-    else:
-        rating_values = tuple(sorted(set(rating_values)))
-        _check_scale(rating_values, rating_field, root)
-        outside = [s for s in samples if s.target not in rating_values]
-        for s in outside:
-            skip_row(
-                skipped, "rating outside rating_values", s.sample_id, f"{s.target} not in {rating_values}"
-            )
-        samples = [s for s in samples if s.target in rating_values]
+        samples.append(TrainSample(row["image_path"], row["prompt"], (ref,), as_int(value), "rating"))
     if not samples:
-        raise ValueError(f"no usable rows in ImageRewardDB {split} under {root}: skipped {dict(skipped)}")
+        raise DataError(f"no usable rows in ImageRewardDB {split} under {root}: skipped {dict(skipped)}")
     log_summary(f"ImageRewardDB {split} (train view) {root}", len(samples), "images", skipped)
     return TrainSet(samples, rating_values, skipped)
 
 
-def read_eval(root: str | Path, split: str = "test") -> EvalSet:
-    """One group per prompt: its images and their human rank levels (lower = better)."""
+def read_eval(
+    root: str | Path, split: str = "test", rating_field: str = "", rating_values: tuple[int, ...] = ()
+) -> EvalSet:
+    """One group per prompt: its images and their human rank levels (lower = better).
+
+    A rank must be a positive integer (a NaN, fractional or non-positive rank skips its row); an
+    image listed twice for one prompt is kept once. With ``rating_field`` and ``rating_values``
+    (ImageRewardDB's own layout), a row whose rating is outside the scale, NaN or fractional is
+    skipped and counted as in training: it is a damaged row.
+    """
     root = Path(root)
     skipped: Counter = Counter()
     if _has_hf_layout(root, split) or not (root / f"{split}.json").is_file():
-        groups = _hf_groups(root, split, skipped)
+        groups = _hf_groups(root, split, skipped, rating_field, tuple(rating_values))
     else:
         groups = _github_groups(root, split, skipped)
     small = [g for g in groups if len(g.images) < 2]
@@ -100,7 +120,7 @@ def read_eval(root: str | Path, split: str = "test") -> EvalSet:
         skip_row(skipped, "fewer than 2 usable images", f"prompt {g.group_id}")
     groups = [g for g in groups if len(g.images) >= 2]
     if not groups:
-        raise ValueError(f"no usable prompts in ImageRewardDB {split} under {root}: skipped {dict(skipped)}")
+        raise DataError(f"no usable prompts in ImageRewardDB {split} under {root}: skipped {dict(skipped)}")
     log_summary(f"ImageRewardDB {split} (eval view) {root}", len(groups), "prompts", skipped)
     return EvalSet(groups, skipped)
 
@@ -108,7 +128,7 @@ def read_eval(root: str | Path, split: str = "test") -> EvalSet:
 def _check_scale(values: tuple[int, ...], field: str, root: Path) -> None:
     """The soft head reads one token per rating, so every rating must be one digit."""
     if not values or not all(isinstance(v, int) and 0 <= v <= 9 for v in values):
-        raise ValueError(
+        raise DataError(
             f"rating scale {values} of {field!r} in {root} is not single digits 0-9; the soft head "
             "reads one answer token per rating, so pass rating_values within 0..9 or rescale the ratings"
         )
@@ -118,18 +138,30 @@ def _has_hf_layout(root: Path, split: str) -> bool:
     return (root / f"metadata-{split}.parquet").is_file() or (root / "images" / split).is_dir()
 
 
-def _hf_groups(root: Path, split: str, skipped: Counter) -> list[EvalGroup]:
+def _hf_groups(
+    root: Path, split: str, skipped: Counter, rating_field: str, rating_values: tuple[int, ...]
+) -> list[EvalGroup]:
     """Group the per-image rows by ``prompt_id``, in order of first appearance."""
-    by_prompt: dict[str, tuple[str, list[ImageRef], list[float]]] = {}
+    by_prompt: dict[str, tuple[str, list[ImageRef], list[float], list[str]]] = {}
     for where, row, ref in _hf_rows(root, split, None, skipped):
+        if rating_field and rating_values:
+            problem = rating_problem(row.get(rating_field), rating_values)
+            if problem is not None:
+                skip_row(skipped, problem, where, f"{rating_field} {row.get(rating_field)!r}")
+                continue
         rank, prompt_id = as_int(row.get("rank")), row.get("prompt_id")
-        if rank is None or not isinstance(prompt_id, str):
-            skip_row(skipped, "malformed row", where, "rank and prompt_id are required")
+        if rank is None or rank < 1 or not isinstance(prompt_id, str):
+            skip_row(skipped, "malformed row", where, f"a positive integer rank and a prompt_id are required, "
+                     f"got rank {row.get('rank')!r}")  # fmt: skip
             continue
-        _, refs, ranks = by_prompt.setdefault(prompt_id, (row["prompt"], [], []))
+        _, refs, ranks, wheres = by_prompt.setdefault(prompt_id, (row["prompt"], [], [], []))
+        if ref in refs:
+            skip_row(skipped, "duplicate row", where, f"same image as {wheres[refs.index(ref)]}")
+            continue
         refs.append(ref)
         ranks.append(float(rank))
-    return [EvalGroup(pid, p, tuple(refs), tuple(ranks)) for pid, (p, refs, ranks) in by_prompt.items()]
+        wheres.append(where)
+    return [EvalGroup(pid, p, tuple(refs), tuple(ranks)) for pid, (p, refs, ranks, _) in by_prompt.items()]
 
 
 def _hf_rows(root: Path, split: str, subset: str | None, skipped: Counter) -> list[Row]:
@@ -142,7 +174,7 @@ def _hf_rows(root: Path, split: str, subset: str | None, skipped: Counter) -> li
     max_part = SUBSET_PARTS[subset] if subset else None
     images = _ZipImages(root, split)
     out = []
-    for where, row, part in _metadata_rows(root, split):
+    for where, row, part in _metadata_rows(root, split, skipped):
         if not isinstance(row, dict) or not isinstance(row.get("image_path"), str):
             skip_row(skipped, "malformed row", where, "not an object with an image_path")
             continue
@@ -154,23 +186,32 @@ def _hf_rows(root: Path, split: str, subset: str | None, skipped: Counter) -> li
             continue
         if max_part is not None and part > max_part:
             continue  # outside the subset: not a skip, just not selected
-        if check_prompt(row.get("prompt")) is None:
-            skip_row(skipped, "empty prompt", where)
+        problem = prompt_problem(row.get("prompt"))
+        if problem is not None:
+            skip_row(skipped, problem, where)
+            continue
+        if inside_root(root, row["image_path"]) is None:
+            skip_row(skipped, "image path outside the dataset folder", where, repr(row["image_path"]))
             continue
         ref = images.ref(row["image_path"], part)
         if ref is None:
             skip_row(skipped, "missing image", where, row["image_path"])
             continue
         out.append((where, row, ref))
-    return out
+    # One row per image and prompt: a repeated row would be trained and scored twice.
+    keep = first_occurrences([(ref, row["prompt"]) for _, row, ref in out], skipped, [w for w, _, _ in out])
+    return [r for r, k in zip(out, keep) if k]
 
 
-def _metadata_rows(root: Path, split: str) -> Iterator[tuple[str, object, int | None]]:
-    """Yield ``(where, row, part)`` from the parquet file, or else from the json in each zip."""
+def _metadata_rows(root: Path, split: str, skipped: Counter) -> Iterator[tuple[str, object, int | None]]:
+    """Yield ``(where, row, part)`` from the parquet file, or else from the json in each zip.
+
+    A zip that cannot be opened or whose json is damaged is skipped and counted
+    (``unreadable zip``), as its images would be; a parquet file that cannot be read is an error.
+    """
     parquet = root / f"metadata-{split}.parquet"
     if parquet.is_file():
-        table = pq.read_table(parquet)
-        for i, row in enumerate(table.to_pylist()):
+        for i, row in enumerate(read_parquet_rows(parquet)):
             yield f"{parquet} row {i}", row, None
         return
     zips = _zips(root, split)
@@ -180,11 +221,15 @@ def _metadata_rows(root: Path, split: str) -> Iterator[tuple[str, object, int | 
         )
     for part, zip_path in zips:
         name = f"{split}_{part}.json"
-        with zipfile.ZipFile(zip_path) as zf:
-            members = [m for m in zf.namelist() if posixpath.basename(m) == name]
-            if not members:
-                raise ValueError(f"{zip_path} holds no {name}: not an ImageRewardDB zip")
-            rows = parse_json(zf.read(members[0]), f"{zip_path}::{members[0]}")
+        try:
+            with zipfile.ZipFile(zip_path) as zf:
+                members = [m for m in zf.namelist() if posixpath.basename(m) == name]
+                if not members:
+                    raise DataError(f"{zip_path} holds no {name}: not an ImageRewardDB zip")
+                rows = parse_json(zf.read(members[0]), f"{zip_path}::{members[0]}")
+        except (*ZIP_ERRORS, DataError) as e:
+            skip_row(skipped, "unreadable zip", str(zip_path), one_line(f"{type(e).__name__}: {e}"))
+            continue
         for i, row in enumerate(rows):
             yield f"{zip_path}::{members[0]} row {i}", row, part
 
@@ -219,8 +264,8 @@ class _ZipImages:
         name = posixpath.basename(image_path)
         if entry is not None and name in entry[1]:
             return ImageRef(str(entry[0]), entry[1][name])
-        extracted = self.root / image_path
-        return ImageRef(str(extracted)) if extracted.is_file() else None
+        extracted = inside_root(self.root, image_path)
+        return ImageRef(extracted) if extracted is not None and Path(extracted).is_file() else None
 
     def _read_index(self, part: int) -> tuple[Path, dict[str, str]] | None:
         zip_path = self.root / "images" / self.split / f"{self.split}_{part}.zip"
@@ -229,7 +274,7 @@ class _ZipImages:
         try:
             with zipfile.ZipFile(zip_path) as zf:
                 names = zf.namelist()
-        except (OSError, zipfile.BadZipFile) as e:
+        except ZIP_ERRORS as e:
             logger.warning("unreadable zip %s (%s): its images count as missing", zip_path, e)
             return None
         return zip_path, {posixpath.basename(n): n for n in names if not n.endswith("/")}
@@ -262,16 +307,24 @@ def _github_groups(root: Path, split: str, skipped: Counter) -> list[EvalGroup]:
         if any(r is None for r in ranks):
             skip_row(skipped, "malformed row", where, f"non-numeric ranking {ranking}")
             continue
-        prompt = check_prompt(row.get("prompt"))
-        if prompt is None:
-            skip_row(skipped, "empty prompt", where)
+        problem = prompt_problem(row.get("prompt"))
+        if problem is not None:
+            skip_row(skipped, problem, where)
             continue
         refs, kept = [], []
         for g, r in zip(gens, ranks):
-            if (image_dir / g).is_file():
-                refs.append(ImageRef(str(image_dir / g)))
-                kept.append(r)
+            path = inside_root(image_dir, g)
+            if path is None:
+                skip_row(skipped, "image path outside the dataset folder", where, repr(g))
+            elif not Path(path).is_file():
+                skip_row(skipped, "missing image", where, path)
+            elif ImageRef(path) in refs:
+                skip_row(skipped, "duplicate row", where, f"{g} listed twice")
             else:
-                skip_row(skipped, "missing image", where, str(image_dir / g))
-        groups.append(EvalGroup(str(row.get("id", i)), prompt, tuple(refs), tuple(kept)))
-    return groups
+                refs.append(ImageRef(path))
+                kept.append(r)
+        groups.append(EvalGroup(str(row.get("id", i)), row["prompt"], tuple(refs), tuple(kept)))
+    keep = first_occurrences(
+        [(g.prompt, g.images) for g in groups], skipped, [f"{path} prompt {g.group_id}" for g in groups]
+    )
+    return [g for g, k in zip(groups, keep) if k]

@@ -42,6 +42,8 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image
 
+from data.errors import DataError
+
 MIN_SIDE = 28  # Qwen2.5-VL: patch 14 × spatial merge 2
 MAX_SIDE = 4096
 MAX_ASPECT = MAX_SIDE // MIN_SIDE  # 146; the processor itself allows up to 200
@@ -64,7 +66,7 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-class BadImageError(ValueError):
+class BadImageError(DataError):
     """An image that cannot be decoded. The message is one line and names the file."""
 
     def __init__(self, source: str, reason: str) -> None:

@@ -46,6 +46,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
 
+from data.errors import user_errors_exit
+
 COLOURS = {"red": (220, 40, 40), "yellow": (235, 200, 30), "green": (40, 160, 70), "blue": (40, 90, 220)}
 SHAPES = ("circle", "square", "triangle")
 RATING_LEVELS = (1, 3, 5, 7)
@@ -335,10 +337,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.prompts < 1 or args.size < 8 or args.prompts_per_zip < 1:
         ap.error("--prompts and --prompts-per-zip must be >= 1 and --size >= 8")
     common = dict(prompts=args.prompts, seed=args.seed, task=args.task, size=args.size)
-    if args.kind == "imagereward":
-        manifest = write_imagereward(args.out, prompts_per_zip=args.prompts_per_zip, **common)
-    else:
-        manifest = write_hpdv2(args.out, **common)
+    with user_errors_exit():  # an occupied or unwritable folder, a full disk: one line, no traceback
+        if args.kind == "imagereward":
+            manifest = write_imagereward(args.out, prompts_per_zip=args.prompts_per_zip, **common)
+        else:
+            manifest = write_hpdv2(args.out, **common)
     print(f"wrote {args.kind} ({args.task}) to {args.out}: {json.dumps(manifest['counts'])}")
 
 

@@ -16,8 +16,9 @@ and Mean@k, under the keys ``soft@1``, ``hard@1``, ``soft@k``, ``hard@k``. The p
 
 Choices made here:
 - ``rating`` on HPDv2 is allowed (a zero-shot judge can rate on any scale) but needs a scale:
-  ``--scale 1-7``. On ImageRewardDB the scale is read from the training metadata
-  (``data.root``, ``data.split``), as training does, else from the evaluation split.
+  ``--scale 1-7``. Otherwise the scale is the one the checkpoint was trained on (its
+  ``task.json``), else the configured ``data.rating_min``–``data.rating_max`` (ImageRewardDB:
+  1–7). It is never read from the data, so one bad row cannot change it (issue 15).
 - An image that fails to decode is dropped from its prompt and counted (``skipped``); a prompt
   left with fewer than two images is dropped and counted. Nothing crashes on bad data.
 - ``soft_spread`` is the std of all images' soft scores (Mean@k): near 0 means the judge gives
@@ -54,10 +55,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from data.errors import DataError, user_errors_exit
 from data.images import BadImageError
 from data.types import EvalGroup
 from eval.metrics import count_pairs, hpsv2_accuracy, imagereward_accuracy, pairwise_accuracy
-from grpo.config import ConfigError, EvalConfig, load_config
+from grpo.config import EvalConfig, load_config
 
 # torch, transformers and the scoring code (eval.score) are imported where they are used, so that
 # --help and the data checks answer in a second instead of after the ~5 s it takes to import them.
@@ -169,7 +171,7 @@ def evaluate(
         model.train(was_training)
         bar.close()
     if not results:
-        raise ValueError(f"no group could be evaluated: skipped {dict(skipped)}")
+        raise DataError(f"no group could be evaluated: skipped {dict(skipped)}")
     report = build_report(results, kept, spec, kind, time.perf_counter() - t0, skipped, len(groups))
     report.update(label=label or model_name, model=model_name, skipped_reading=dict(read_skipped or {}))
     if out_dir is not None:
@@ -279,37 +281,37 @@ def summary_markdown(report: dict) -> str:
 
 
 def rating_scale(cfg, method: str, scale: str | None) -> tuple[tuple[int, ...] | None, str]:
-    """The rating scale and where it came from: ``--scale``, else ImageRewardDB's metadata."""
+    """The rating scale and where it came from: ``--scale``, else the checkpoint's ``task.json``,
+    else the configured ``data.rating_min``–``rating_max`` (ImageRewardDB only)."""
+    from grpo.manifest import saved_scale
+
     if scale:
         from eval.rank import parse_scale
 
         return parse_scale(scale), "--scale"
     if method != "rating":
         return None, ""
+    saved, source = saved_scale(cfg.model.name_or_path)
+    if saved:
+        if cfg.data.kind == "imagereward" and saved != cfg.data.rating_values:
+            print(f"note: {source} gives scale {saved}, not the configured {cfg.data.rating_values}; using "
+                  f"the checkpoint's", file=sys.stderr)  # fmt: skip
+        return saved, source
     if cfg.data.kind != "imagereward":
         raise ValueError("method rating on HPDv2 needs a rating scale: pass --scale 1-7")
-    from data.imagereward import read_train
-
-    eval_root = cfg.eval.root or cfg.data.root
-    tries = [(cfg.data.root, cfg.data.split), (eval_root, cfg.eval.split)]
-    errors = []
-    for root, split in tries:
-        if Path(root).is_dir():
-            try:
-                values = read_train(root, split=split, rating_field=cfg.data.rating_field).rating_values
-                return values, f"{cfg.data.rating_field} of {root} ({split})"
-            except (ValueError, OSError) as e:
-                errors.append(str(e))
-    raise ValueError(f"cannot read the rating scale ({'; '.join(errors)}); pass --scale LO-HI")
+    return cfg.data.rating_values, "data.rating_min/rating_max"
 
 
-def read_groups(cfg) -> tuple[list[EvalGroup], Counter]:
-    """The evaluation groups of ``data.kind`` under ``eval.root`` (or ``data.root``) and the reader's skips."""
+def read_groups(cfg, scale: tuple[int, ...] | None = None) -> tuple[list[EvalGroup], Counter]:
+    """The evaluation groups of ``data.kind`` under ``eval.root`` (or ``data.root``) and the reader's skips.
+
+    With a rating ``scale`` (ImageRewardDB), rows rated outside it are skipped as in training."""
     root = cfg.eval.root or cfg.data.root
     if cfg.data.kind == "imagereward":
         from data.imagereward import read_eval
 
-        eval_set = read_eval(root, split=cfg.eval.split)
+        eval_set = read_eval(root, split=cfg.eval.split, rating_field=cfg.data.rating_field,
+                             rating_values=scale or ())  # fmt: skip
     else:
         from data.hpdv2 import read_eval
 
@@ -339,19 +341,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label", default="", help="name of this model in report.json and the tables")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        parser.exit(2, f"error: {e}\n")
-    # Everything about the data is checked before the model is loaded.
+    with user_errors_exit():
+        run(args, parser)
+
+
+def run(args, parser) -> None:
+    """The command's body: data, scale and model are checked before anything slow is loaded."""
+    cfg = load_config(args.config, args.overrides)
     root = cfg.eval.root or cfg.data.root
     if not Path(root).is_dir():
         parser.exit(2, f"error: evaluation data folder {root!r} not found: {EVAL_DATA_HELP[cfg.data.kind]}, "
                        f"or point eval.root=... (or data.root=...) at it\n")  # fmt: skip
     try:
         method = resolve_method(args.method or cfg.eval.method, cfg.data.kind)
-        groups, read_skipped = read_groups(cfg)
         scale, scale_source = rating_scale(cfg, method, args.scale)
+        groups, read_skipped = read_groups(cfg, scale)
     except (ValueError, OSError) as e:
         parser.exit(2, f"error: {e}\n")
     if scale_source:
@@ -359,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    from data.sets import drop_long_prompts
     from eval.rank import load_model
 
     name = cfg.model.name_or_path
@@ -369,6 +374,13 @@ def main(argv: list[str] | None = None) -> None:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = load_model(name, cfg.model.dtype, device, cfg.model.min_pixels, cfg.model.max_pixels)
+    groups = drop_long_prompts(
+        groups, processor.tokenizer, cfg.data.max_prompt_tokens, read_skipped, "prompt"
+    )
+    if not groups:
+        raise DataError(
+            f"no evaluation prompt is within data.max_prompt_tokens: skipped {dict(read_skipped)}"
+        )
     evaluate(model, processor, groups, cfg.data.kind, scale, cfg.eval,
              cfg.eval.max_new_tokens or cfg.grpo.max_new_tokens, out, progress=not args.no_progress,
              method=method, debias=args.debias, label=args.label or Path(name).name, model_name=name,

@@ -5,7 +5,11 @@
 
 Prints a table (rank, soft score, hard score, file, the start of the reasoning) best first; an
 argument that is a folder stands for every image file in it. ``--json OUT`` also writes every
-rollout's full text. An image that cannot be decoded is skipped with a one-line message.
+rollout's full text. An image that cannot be decoded is skipped with a one-line message; a file
+given twice (by two names, or also through its folder) is ranked once, and the command says so.
+The rating scale is the one the checkpoint was trained on (its ``task.json``) unless ``--scale``
+says otherwise; a model folder that is missing or damaged, a prompt that is not valid text or
+longer than ``--max-prompt-tokens`` is a one-line error.
 
 ``PreferenceScorer`` is the same thing as a Python reward function, e.g. for aligning a
 diffusion model::
@@ -29,10 +33,13 @@ from pathlib import Path
 
 from PIL import Image
 
+from data.errors import DataError, user_errors_exit
 from data.images import BadImageError, normalize_image
 from data.prompts import parse_completion
+from data.sets import prompt_problem
 from data.types import ImageRef
 from eval.score import METHODS, GroupResult, ScoringSpec, score_groups, seeded
+from grpo.manifest import check_model_source, load_errors_as_checkpoint_error, saved_scale
 from models.qwen_vl import (
     DEFAULT_MAX_PIXELS,
     image_token_count,
@@ -67,7 +74,7 @@ class PreferenceScorer:
         model: str | Path | tuple,
         method: str = "rating",
         k: int = 1,
-        scale: tuple[int, ...] = DEFAULT_SCALE,
+        scale: tuple[int, ...] | None = None,
         max_new_tokens: int = 256,
         temperature: float = 1.0,
         seed: int = 0,
@@ -77,6 +84,8 @@ class PreferenceScorer:
         device: str = "cpu",
         max_pixels: int | None = None,
     ) -> None:
+        if scale is None:  # the scale the checkpoint was trained on, else ImageRewardDB's
+            scale = (saved_scale(str(model))[0] if isinstance(model, (str, Path)) else None) or DEFAULT_SCALE
         if isinstance(model, (str, Path)):
             model = load_model(str(model), dtype, device, max_pixels=max_pixels)
         self.model, self.processor = model
@@ -114,13 +123,21 @@ def load_model(
     ``max_pixels=None`` caps images as training does: a checkpoint trained here (``config.yaml``
     beside its weights) keeps the cap its processor was saved with; any other checkpoint, e.g. the
     base Qwen2.5-VL whose processor allows 16,384 tokens per image, is capped at
-    ``DEFAULT_MAX_PIXELS`` (512 tokens). ``0`` keeps the processor's own bounds.
+    ``DEFAULT_MAX_PIXELS`` (512 tokens). ``0`` keeps the processor's own bounds. A missing or
+    damaged folder raises ``CheckpointError`` naming the file, before and while loading.
     """
+    check_model_source(name_or_path)
+    with load_errors_as_checkpoint_error(name_or_path):
+        return _load_model(name_or_path, dtype, device, min_pixels, max_pixels)
+
+
+def _load_model(name_or_path: str, dtype: str, device: str, min_pixels: int, max_pixels: int | None):
     folder = Path(name_or_path)
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         from peft import PeftModel  # only LoRA checkpoints need it
 
         base_name = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        check_model_source(base_name)
         base, _ = load_policy(base_name, dtype=dtype, device=device)
         model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
         processor = load_processor(str(folder))
@@ -216,7 +233,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--method", choices=METHODS, default="rating", help="how to score (default rating)")
     parser.add_argument("--debias", action="store_true", help="pairwise: ask each comparison in both orders")
     parser.add_argument("--k", type=int, default=1, help="Mean@k: reasoning rollouts per question")
-    parser.add_argument("--scale", default="1-7", help="rating scale, LO-HI or a comma list (default 1-7)")
+    parser.add_argument(
+        "--scale", help="rating scale, LO-HI or a comma list (default: the checkpoint's, else 1-7)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=256, help="completion length limit")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     parser.add_argument("--seed", type=int, default=0, help="seed of the rollouts and the anchor draw")
@@ -230,10 +249,54 @@ def main(argv: list[str] | None = None) -> None:
         "(512 image tokens, the training default); 0 keeps the processor's own",
     )
     parser.add_argument("--json", help="also write the scores and every rollout's text to this file")
+    parser.add_argument(
+        "--max-prompt-tokens", type=int, default=512, help="refuse longer prompts (0 = no limit)"
+    )
     args = parser.parse_args(argv)
+    with user_errors_exit():
+        run(args, parser)
+
+
+def once_each(paths: list[Path]) -> list[Path]:
+    """The paths without repeats of the same file (two names for it, or a file also in a given
+    folder); each repeat is reported on stderr."""
+    seen: dict[tuple, Path] = {}
+    out = []
+    for p in paths:
+        try:
+            st = p.stat()
+            key = (st.st_dev, st.st_ino)
+        except OSError:  # missing: reported when it fails to load
+            key = ("missing", str(p))
+        if key in seen:
+            print(f"note: {p} is the same file as {seen[key]}; ranked once", file=sys.stderr)
+            continue
+        seen[key] = p
+        out.append(p)
+    return out
+
+
+def check_prompt_text(prompt: str, tokenizer, max_tokens: int) -> None:
+    """``--prompt`` must be valid text within ``max_tokens`` tokens (a ``DataError`` otherwise)."""
+    problem = prompt_problem(prompt)
+    if problem is not None:
+        raise DataError(f"--prompt: {problem}")
+    n = len(tokenizer.encode(prompt, add_special_tokens=False))
+    if max_tokens and n > max_tokens:
+        raise DataError(f"--prompt is {n} tokens, more than --max-prompt-tokens={max_tokens}")
+
+
+def run(args, parser) -> None:
+    """The command's body (user errors become one line in ``main``)."""
+    if prompt_problem(args.prompt) is not None:
+        raise DataError(f"--prompt: {prompt_problem(args.prompt)}")
     try:
-        scale = parse_scale(args.scale)
-        paths = expand_images(args.images)
+        saved, source = saved_scale(args.model)
+        scale = parse_scale(args.scale) if args.scale else (saved or DEFAULT_SCALE)
+        if saved and scale != saved:
+            print(f"note: --scale {args.scale} differs from the scale the model was trained on, {saved} "
+                  f"({source})", file=sys.stderr)  # fmt: skip
+        paths = once_each(expand_images(args.images))
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     images, names = [], []
@@ -249,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     scorer = PreferenceScorer(args.model, args.method, args.k, scale, args.max_new_tokens, args.temperature,
                               args.seed, debias=args.debias, dtype=args.dtype, device=args.device,
                               max_pixels=args.max_pixels)  # fmt: skip
+    check_prompt_text(args.prompt, scorer.processor.tokenizer, args.max_prompt_tokens)
     result = scorer.judge(args.prompt, images)
     rows = ranked(result, scorer.spec)
     tokens = [image_token_count(scorer.processor, im) for im in images]

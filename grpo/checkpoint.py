@@ -11,25 +11,44 @@ A checkpoint folder ``OUTPUT_DIR/checkpoint-000300/`` holds
 | rng.safetensors          | torch CPU and CUDA RNG states of every rank, numpy's of rank 0 |
 | trainer_state.json       | step, data position of every rank, param groups, python RNG, numpy RNG scalars |
 | config.yaml              | the resolved config |
+| task.json                | the task and its rating scale, which evaluation and ranking read back |
+| manifest.json            | size and sha256 of every other file; written last |
 
 Nothing is unpickled: tensors come from safetensors and everything else from JSON. The folder
 is written under a temporary name and renamed into place, so an interrupted save never
-destroys the previous checkpoint; only the newest ``keep_last`` are kept.
+destroys the previous checkpoint; only the newest ``keep_last`` are kept (older ones are
+renamed away before they are deleted, so a kill during pruning leaves no half folder behind a
+checkpoint name).
+
+**Damage** (issue 15): a disk that filled up, an interrupted copy or a deleted file leaves a
+folder whose files do not match its manifest. ``verify_checkpoint`` finds this (every file's
+size and sha256, or, for a folder without a manifest such as a downloaded model, that every
+safetensors and JSON file parses) and raises ``CheckpointError`` naming the file.
+``resolve_resume("auto")`` takes the newest checkpoint that verifies and says which newer ones
+it skipped and why. A save that fails (no space, no permission) is one ``CheckpointError``
+line; the temporary folder is removed and the previous checkpoint is untouched.
+``trim_logs`` drops log lines of steps after the resumed checkpoint and a partial last line
+left by a crash in the middle of an append, saying so.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from data.errors import CheckpointError
 from grpo.config import Config, save_config
+from grpo.manifest import LOAD_ERRORS, reason, verify_checkpoint, write_manifest, write_task
 from models.qwen_vl import save_processor
 
 _NAME = re.compile(r"checkpoint-(\d+)")
@@ -54,14 +73,64 @@ def save_checkpoint(
     config: Config,
     keep_last: int = 2,
     save_merged: bool = False,
+    task: dict | None = None,
 ) -> Path:
-    """Write ``checkpoint-{step:06d}`` atomically and prune older checkpoints."""
+    """Write ``checkpoint-{step:06d}`` atomically and prune older checkpoints.
+
+    ``task`` (``{"task", "rating_values", "rating_field"}``) is written to ``task.json``. A
+    failed write raises ``CheckpointError`` and leaves every earlier checkpoint as it was.
+    """
     root = Path(output_dir)
     final = root / f"checkpoint-{step:06d}"
     tmp = root / f".tmp-checkpoint-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _write_checkpoint(tmp, step, policy, processor, optimizer, rank_states, config, save_merged, task)
+        write_manifest(tmp)
+    except (OSError, SafetensorError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p.name for p in checkpoint_dirs(root)]
+        kept = (
+            f"the previous checkpoint {previous[-1]} is intact"
+            if previous
+            else "no earlier checkpoint exists"
+        )
+        raise CheckpointError(f"could not save {final}: {reason(e)}; {kept}") from e
 
+    if final.exists():  # re-saving the same step (e.g. the end of a resumed run): swap, then delete
+        doomed = _set_aside(final)
+        tmp.rename(final)
+        shutil.rmtree(doomed)
+    else:
+        tmp.rename(final)
+    # Prune only checkpoints at or before this step: higher numbers are from an earlier run of
+    # this folder that was resumed from further back (e.g. past a damaged checkpoint), and they
+    # are overwritten when the run gets there.
+    older = [p for p in checkpoint_dirs(root) if step_of(p) <= step]
+    for old in older[:-keep_last] if keep_last > 0 else []:
+        _remove(old)
+    return final
+
+
+def step_of(ckpt: Path) -> int:
+    """``checkpoint-000300`` → 300."""
+    return int(_NAME.fullmatch(ckpt.name).group(1))
+
+
+def _set_aside(folder: Path) -> Path:
+    """Rename out of the checkpoint namespace, so that a kill mid-delete leaves no half checkpoint."""
+    doomed = folder.with_name(f".deleting-{folder.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    folder.rename(doomed)
+    return doomed
+
+
+def _remove(folder: Path) -> None:
+    shutil.rmtree(_set_aside(folder))
+
+
+def _write_checkpoint(tmp: Path, step, policy, processor, optimizer, rank_states, config, save_merged, task):
     policy.save_pretrained(tmp, safe_serialization=True)
     if save_merged and hasattr(policy, "merge_and_unload"):
         _save_merged(policy, tmp / "merged")
@@ -87,44 +156,104 @@ def save_checkpoint(
     }
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
     save_config(config, tmp / "config.yaml")
+    if task is not None:
+        write_task(tmp, **task)
 
-    if final.exists():  # re-saving the same step (e.g. the end of a resumed run)
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in checkpoint_dirs(root)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old)
-    return final
+
+# ------------------------------------------------------------------------------- resuming
 
 
 def load_trainer_state(ckpt: str | Path, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict:
     """Restore the optimizer and the RNGs of process ``rank`` from ``ckpt``; return the trainer state."""
     ckpt = Path(ckpt)
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    tensors = load_file(ckpt / "optimizer.safetensors")
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))
-    rng = load_file(ckpt / "rng.safetensors")
-    torch.set_rng_state(rng[f"torch.{rank}"])
-    if torch.cuda.is_available() and f"cuda.{rank}" in rng:
-        torch.cuda.set_rng_state(rng[f"cuda.{rank}"])
-    name, pos, has_gauss, cached = state["numpy_rng"]
-    np.random.set_state((name, rng["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(_python_rng_from_json(state["python_rng"]))
+    current = ckpt / "trainer_state.json"
+    try:
+        state = json.loads(current.read_text())
+        current = ckpt / "optimizer.safetensors"
+        tensors = load_file(current)
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))
+        current = ckpt / "rng.safetensors"
+        rng = load_file(current)
+        torch.set_rng_state(rng[f"torch.{rank}"])
+        if torch.cuda.is_available() and f"cuda.{rank}" in rng:
+            torch.cuda.set_rng_state(rng[f"cuda.{rank}"])
+        current = ckpt / "trainer_state.json"
+        name, pos, has_gauss, cached = state["numpy_rng"]
+        np.random.set_state((name, rng["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+        random.setstate(_python_rng_from_json(state["python_rng"]))
+        int(state["step"]), list(state["data_positions"])
+    except (*LOAD_ERRORS, UnicodeDecodeError, RuntimeError) as e:
+        raise CheckpointError(f"cannot resume from {current}: {reason(e)}") from e
     return state
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """``auto`` → the newest checkpoint of the run (None if there is none); a path → that path."""
+    """The checkpoint to resume from, verified (``verify_checkpoint``), or None to start afresh.
+
+    ``auto`` → the newest checkpoint of the run that verifies; newer ones that do not are
+    skipped, and the reason is printed. If there are checkpoints but none verifies, that is an
+    error (starting afresh would silently throw the run away). A path → that checkpoint, which
+    must verify.
+    """
     if not resume:
         return None
-    if resume == "auto":
-        found = checkpoint_dirs(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "trainer_state.json").exists():
-        raise FileNotFoundError(
-            f"train.resume={resume}: no trainer_state.json there; not a checkpoint folder"
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_dir():
+            raise CheckpointError(f"train.resume={resume}: checkpoint folder not found")
+        verify_checkpoint(path, need_trainer_state=True)
+        return path
+    skipped = []
+    for ckpt in reversed(checkpoint_dirs(output_dir)):
+        try:
+            verify_checkpoint(ckpt, need_trainer_state=True)
+        except CheckpointError as e:
+            skipped.append(f"{ckpt.name} ({e})")
+            continue
+        note = f"; skipped newer {'; '.join(skipped)}" if skipped else ""
+        print(f"resuming from {ckpt}{note}", file=sys.stderr)
+        return ckpt
+    if skipped:
+        raise CheckpointError(
+            f"no intact checkpoint in {output_dir} to resume from: {'; '.join(skipped)}. "
+            "Move them away (or set train.resume=) to start afresh"
         )
-    return path
+    return None
+
+
+def trim_logs(out_dir: str | Path, step: int) -> None:
+    """On resume, keep only log lines of steps up to ``step`` (later ones will be run again).
+
+    A partial last line (a crash in the middle of an append) or any other line that is not a
+    JSON object with a ``step`` is dropped, and a message says how many. The file is rewritten
+    under a temporary name and renamed, so a kill here loses nothing.
+    """
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        path = Path(out_dir) / name
+        if not path.exists():
+            continue
+        kept, bad, later = [], 0, 0
+        for line in path.read_bytes().splitlines(keepends=True):
+            try:
+                row = json.loads(line) if line.endswith(b"\n") else None
+                row_step = row["step"] if isinstance(row, dict) else None
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                row_step = None
+            if not isinstance(row_step, int):
+                bad += 1
+            elif row_step <= step:
+                kept.append(line)
+            else:
+                later += 1
+        if bad:
+            print(
+                f"{path}: dropped {bad} partial or unreadable line(s) (a crash during an append)",
+                file=sys.stderr,
+            )
+        if bad or later:
+            tmp = path.with_name(f".{name}.tmp")
+            tmp.write_bytes(b"".join(kept))
+            os.replace(tmp, path)
 
 
 def _save_merged(policy, out: Path) -> None:

@@ -42,8 +42,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from data.errors import user_errors_exit
 from data.images import BadImageError
 from data.prompts import answer_values
+from grpo.manifest import check_model_source, write_task
 from grpo.rollout import encode_samples
 from models.qwen_vl import completion_logprobs, load_policy, save_processor
 
@@ -206,8 +208,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="taste: a random colour taste (default); uniform: uniformly random answers")  # fmt: skip
     parser.add_argument("--taste-seed", type=int, default=0, help="seed of the random taste")
     args = parser.parse_args(argv)
-    out = cold_start(args.model, read_train(args.kind, args.data), args.out, args.steps, args.batch_size, args.lr,
-                     args.seed, answers=args.answers, taste_seed=args.taste_seed)  # fmt: skip
+    with user_errors_exit():  # bad data, a missing or damaged model folder: one line, no traceback
+        check_model_source(args.model)
+        train_set = read_train(args.kind, args.data)
+        out = cold_start(args.model, train_set, args.out, args.steps, args.batch_size, args.lr,
+                         args.seed, answers=args.answers, taste_seed=args.taste_seed)  # fmt: skip
+        write_task(out, train_set.samples[0].task, train_set.rating_values)
     print(f"cold-started model written to {out}")
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from data.errors import UserError
+
 # LoRA targets: the language model's projections only (the vision blocks also have gate/up/down).
 LANGUAGE_LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 VISION_LORA_TARGET = r".*visual\.blocks.*\.(qkv|proj|gate_proj|up_proj|down_proj)"
@@ -62,12 +64,27 @@ class DataConfig:
     """ImageRewardDB training subset: 1k | 2k | 4k | 8k; empty means the whole split."""
     rating_field: str = "overall_rating"
     """ImageRewardDB column used as the target rating."""
+    rating_min: int = 1
+    """Lowest rating of the scale the model answers on (ImageRewardDB: 1). Rows rated outside
+    rating_min..rating_max, NaN or fractional are skipped and counted; the scale is never read
+    from the data, so one bad row cannot change the task. Saved with every checkpoint."""
+    rating_max: int = 7
+    """Highest rating of the scale (ImageRewardDB overall_rating: 7). Single digits only: the
+    soft head reads one answer token per rating."""
+    max_prompt_tokens: int = 512
+    """Prompts longer than this many tokens (the dataset's prompt text alone) are skipped and
+    counted; ImageRewardDB and HPDv2 prompts are far shorter. 0 = no limit."""
     pair_fraction: float = 0.25
     """HPDv2: fraction of the training pairs used (the paper: a random 25%)."""
     seed: int = 0
     """Seed of the HPDv2 subset and pair-order shuffling."""
     max_samples: int = 0
     """Use only the first N training samples (0 = all); for smoke tests."""
+
+    @property
+    def rating_values(self) -> tuple[int, ...]:
+        """The configured rating scale ``(rating_min, …, rating_max)``."""
+        return tuple(range(self.rating_min, self.rating_max + 1))
 
 
 @dataclass
@@ -198,9 +215,15 @@ class Config:
         )
         _check(self.eval.method in ("auto", "rating", "anchor"), f"unknown eval.method {self.eval.method!r}")
         _check(0 < self.data.pair_fraction <= 1, "data.pair_fraction must be in (0, 1]")
+        _check(
+            0 <= self.data.rating_min < self.data.rating_max <= 9,
+            f"data.rating_min..rating_max must be single digits with min < max, got "
+            f"{self.data.rating_min}..{self.data.rating_max}",
+        )
+        _check(self.data.max_prompt_tokens >= 0, "data.max_prompt_tokens must be ≥ 0 (0 = no limit)")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not match the dataclasses."""
 
 
@@ -213,8 +236,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Read a YAML experiment, apply ``section.key=value`` overrides, type-check, validate."""
     raw = {}
     if path is not None:
-        with open(path) as fh:
-            raw = yaml.safe_load(fh) or {}
+        try:
+            with open(path, "rb") as fh:
+                raw = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
@@ -227,7 +253,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {key} is not a section")
-        node[keys[-1]] = yaml.safe_load(value) if value != "" else ""
+        try:
+            node[keys[-1]] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML") from e
     config = _build(Config, raw, "")
     config.validate()
     return config

@@ -35,12 +35,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from data.errors import CheckpointError, DataError, user_errors_exit
 from data.images import BadImageError
 from data.prompts import answer_values
+from data.sets import drop_long_prompts
 from grpo.advantages import group_advantages, group_stats
-from grpo.checkpoint import load_trainer_state, resolve_resume, save_checkpoint
-from grpo.config import Config, ConfigError, load_config, save_config
+from grpo.checkpoint import load_trainer_state, resolve_resume, save_checkpoint, trim_logs
+from grpo.config import Config, load_config, save_config
 from grpo.loss import grpo_loss
+from grpo.manifest import check_model_source, check_same_task, load_errors_as_checkpoint_error, task_record
 from grpo.policy import build_policy, reference_logprobs
 from grpo.rewards import compute_rewards
 from grpo.rollout import RolloutBuffer, buffer_logprobs, encode_samples
@@ -87,9 +90,7 @@ def next_batch(stream: SampleStream, samples: list, size: int, skipped: Counter)
             failures += 1
             tqdm.write(f"skipped sample {sample.sample_id}: {e}")
             if failures > 10 * size + 100:
-                raise RuntimeError(
-                    "too many undecodable images in a row; is the dataset folder intact?"
-                ) from e
+                raise DataError("too many undecodable images in a row; is the dataset folder intact?") from e
             continue
         batch.append(sample)
     return batch, images
@@ -101,7 +102,8 @@ def read_train_set(cfg: Config):
     if d.kind == "imagereward":
         from data.imagereward import read_train
 
-        train_set = read_train(d.root, split=d.split, subset=d.subset or None, rating_field=d.rating_field)
+        train_set = read_train(d.root, split=d.split, subset=d.subset or None, rating_field=d.rating_field,
+                               rating_values=d.rating_values)  # fmt: skip
     else:
         from data.hpdv2 import read_train
 
@@ -109,7 +111,7 @@ def read_train_set(cfg: Config):
     if d.max_samples:
         train_set.samples = train_set.samples[: d.max_samples]
     if not train_set.samples:
-        raise SystemExit(f"no usable training samples in {d.root} (skipped: {dict(train_set.skipped)})")
+        raise DataError(f"no usable training samples in {d.root} (skipped: {dict(train_set.skipped)})")
     return train_set
 
 
@@ -118,7 +120,8 @@ def read_eval_groups(cfg: Config) -> list:
     if cfg.data.kind == "imagereward":
         from data.imagereward import read_eval
 
-        groups = read_eval(root, split=cfg.eval.split).groups
+        groups = read_eval(root, split=cfg.eval.split, rating_field=cfg.data.rating_field,
+                           rating_values=cfg.data.rating_values).groups  # fmt: skip
     else:
         from data.hpdv2 import read_eval
 
@@ -130,7 +133,7 @@ def check_data_folder(cfg: Config) -> None:
     """Fail with instructions before any model is loaded if the dataset folder is missing."""
     for root in {cfg.data.root, cfg.eval.root or cfg.data.root}:
         if not Path(root).is_dir():
-            raise SystemExit(f"dataset folder {root!r} not found: {DATA_HELP[cfg.data.kind]}, "
+            raise DataError(f"dataset folder {root!r} not found: {DATA_HELP[cfg.data.kind]}, "
                              f"or point data.root=... at it")  # fmt: skip
 
 
@@ -286,9 +289,13 @@ def train(cfg: Config) -> Path:
     train_set = read_train_set(cfg)
     eval_groups = read_eval_groups(cfg) if cfg.eval.every else []
     ckpt = resolve_resume(cfg.train.resume, out)
+    check_same_task(ckpt, train_set)
+    check_model_source(cfg.model.name_or_path)
 
     torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank (DDP also broadcasts it)
-    policy, reference, processor = build_policy(cfg, device, resume_from=ckpt)
+    with load_errors_as_checkpoint_error(str(ckpt or cfg.model.name_or_path)):
+        policy, reference, processor = build_policy(cfg, device, resume_from=ckpt)
+    drop_prompts_too_long(train_set, eval_groups, processor.tokenizer, cfg.data.max_prompt_tokens)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     ddp_policy = policy
@@ -303,9 +310,11 @@ def train(cfg: Config) -> Path:
         state = load_trainer_state(ckpt, optimizer, rank)
         start, positions = state["step"], state["data_positions"]
         if len(positions) != world:
-            raise SystemExit(f"{ckpt} was written by {len(positions)} process(es); resume it with as many")
-        if rank == 0:
-            drop_logs_after(out, start)
+            raise CheckpointError(
+                f"{ckpt} was written by {len(positions)} process(es); resume it with as many"
+            )
+    if rank == 0 and cfg.train.resume:  # also with no checkpoint yet: a crash before the first save
+        trim_logs(out, start)
     stream = SampleStream(len(train_set.samples), cfg.train.seed, rank, world, positions[rank])
 
     if rank == 0:
@@ -340,7 +349,7 @@ def train(cfg: Config) -> Path:
             rank_states = gather_rank_states(policy, stream.position, world)
             if rank == 0:
                 save_checkpoint(out, step + 1, policy, processor, optimizer, rank_states, cfg,
-                                        cfg.train.keep_last, cfg.train.save_merged)  # fmt: skip
+                                cfg.train.keep_last, cfg.train.save_merged, task_record(train_set, cfg.data.rating_field))  # fmt: skip
     if world > 1:
         dist.barrier()
     return out / f"checkpoint-{cfg.train.steps:06d}"
@@ -391,13 +400,15 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def drop_logs_after(out: Path, step: int) -> None:
-    """On resume, forget log lines of steps after the checkpoint (they will be run again)."""
-    for name in ("metrics.jsonl", "completions.jsonl"):
-        path = out / name
-        if path.exists():
-            lines = path.read_text().splitlines(keepends=True)
-            path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+def drop_prompts_too_long(train_set, eval_groups: list, tokenizer, max_tokens: int) -> None:
+    """Skip and count prompts over ``data.max_prompt_tokens`` (they would exhaust memory)."""
+    train_set.samples = drop_long_prompts(
+        train_set.samples, tokenizer, max_tokens, train_set.skipped, "sample"
+    )
+    eval_groups[:] = drop_long_prompts(eval_groups, tokenizer, max_tokens, Counter(), "eval prompt")
+    if not train_set.samples:
+        raise DataError(f"no training prompt is within data.max_prompt_tokens={max_tokens}: "
+                        f"skipped {dict(train_set.skipped)}")  # fmt: skip
 
 
 def log_step(out: Path, metrics: dict, buf: RolloutBuffer, n_completions: int) -> None:
@@ -422,12 +433,10 @@ def main(argv: list[str] | None = None) -> None:
         "overrides", nargs="*", help="section.key=value, e.g. grpo.group_size=4 train.lr=3e-6"
     )
     args = parser.parse_args(argv)
-    try:
+    with user_errors_exit():
         cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        parser.exit(2, f"error: {e}\n")
-    check_data_folder(cfg)
-    final = train(cfg)
+        check_data_folder(cfg)
+        final = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {final}")
     if dist.is_initialized():

@@ -75,20 +75,22 @@ def test_other_rating_fields_and_fixed_scale(root):
     assert [s.target for s in fixed.samples] == [
         r["overall_rating"] for r in rows if r["overall_rating"] <= 5
     ]
-    assert fixed.skipped["rating outside rating_values"] == sum(r["overall_rating"] > 5 for r in rows)
+    assert fixed.skipped["rating outside the scale"] == sum(r["overall_rating"] > 5 for r in rows)
     with pytest.raises(ValueError, match="single digits"):
         imagereward.read_train(root, rating_values=(0, 5, 10))
 
 
-def test_ratings_beyond_one_digit_fail_clearly(root, tmp_path):
+def test_a_rating_beyond_one_digit_is_skipped_not_a_new_scale(root, tmp_path):
+    # issue 15: the scale is configured (1-7), so a row rated 10 is skipped and counted
     dst = _copy(root, tmp_path)
     t = pq.read_table(dst / "metadata-train.parquet")
     col = t.column("overall_rating").to_pylist()
     col[0] = 10
     t = t.set_column(t.schema.get_field_index("overall_rating"), "overall_rating", pa.array(col, pa.int8()))
     pq.write_table(t, dst / "metadata-train.parquet")
-    with pytest.raises(ValueError, match="single digits 0-9"):
-        imagereward.read_train(dst)
+    ts = imagereward.read_train(dst)
+    assert ts.rating_values == (1, 2, 3, 4, 5, 6, 7)
+    assert ts.skipped == {"rating outside the scale": 1}
 
 
 def test_zip_json_gives_the_same_samples_as_the_parquet(root, tmp_path):
@@ -166,7 +168,7 @@ def test_bad_rows_are_skipped_counted_and_logged(root, tmp_path, caplog):
     assert "skipped 4 (empty prompt: 1, malformed row: 2, missing image: 1)" in caplog.messages[-1]
     ts = imagereward.read_train(dst, split="test")
     assert ts.skipped == Counter(
-        {"empty prompt": 1, "missing image": 1, "malformed row": 1, "missing overall_rating": 1}
+        {"empty prompt": 1, "missing image": 1, "malformed row": 1, "rating missing or NaN": 1}
     )
 
 

@@ -141,8 +141,10 @@ def test_cli_writes_and_refuses_a_foreign_folder(tmp_path, capsys):
     assert json.loads((tmp_path / "out/synthetic.json").read_text())["kind"] == "imagereward"
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign/notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="refusing"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:  # issue 15: one line, exit 2, no traceback
         main([str(tmp_path / "foreign"), "--kind", "hpdv2"])
+    assert refused.value.code == 2 and "refusing" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0
