@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,23 @@ from PIL import Image
 
 from models.qwen_vl import load_policy
 from models.tiny import build_tiny
+
+# The project's shared fixtures live beside the checkout (``../shared/fixtures``, as on CI);
+# a copy under ``tests/fixtures`` (e.g. vendored into a fork) is used first.
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE_DIRS = (REPO / "tests" / "fixtures", REPO.parent / "shared" / "fixtures")
+
+
+def shared_fixture(name: str) -> Path:
+    """The fixture file or folder ``name``, found relative to the checkout; skips the test if absent.
+
+    Never an absolute path: the project may live anywhere. ``pytest -ra`` prints the skip reason.
+    """
+    for folder in FIXTURE_DIRS:
+        if (folder / name).exists():
+            return folder / name
+    pytest.skip(f"fixture {name} not found in {' or '.join(str(d) for d in FIXTURE_DIRS)} "
+                "(the project's shared/fixtures folder beside the checkout)")  # fmt: skip
 
 
 @pytest.fixture(scope="session")
