@@ -65,8 +65,9 @@ def fixed_buffer(processor, train_batch, share_prefix=True) -> RolloutBuffer:
 def test_reference_stays_the_starting_model_after_an_update(cold_tiny_dir, train_batch, mode):
     """After one AdamW step, π_ref is still the model we started from and π_θ is not, so KL > 0.
 
-    Mutation checked by hand: ``reference_logprobs`` without ``policy.disable_adapter()`` (the
-    LoRA "reference" is the policy itself, KL ≡ 0) fails the first assertion."""
+    Mutations checked by hand: ``reference_logprobs`` without ``policy.disable_adapter()`` (the
+    LoRA "reference" is the policy itself, KL ≡ 0) fails [lora]; scoring the frozen copy's
+    completions with the policy instead of the copy fails [full]."""
     lora = ("model.lora_rank=4", "model.lora_alpha=8") if mode == "lora" else ()
     cfg = policy_config(cold_tiny_dir, *lora)
     policy, reference, processor = build_policy(cfg, CPU)
@@ -91,6 +92,7 @@ def test_reference_stays_the_starting_model_after_an_update(cold_tiny_dir, train
 
 
 def test_freeze_vision_in_full_finetuning_trains_only_the_language_model(cold_tiny_dir, train_batch):
+    """Mutation checked by hand: build_policy without ``visual.requires_grad_(False)`` fails it."""
     cfg = policy_config(cold_tiny_dir, "model.freeze_vision=true", "grpo.kl_coef=0")
     policy, _, processor = build_policy(cfg, CPU)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
@@ -119,6 +121,7 @@ def test_freeze_vision_in_full_finetuning_trains_only_the_language_model(cold_ti
     ],
 )
 def test_pixel_overrides_set_the_image_token_count(tiny_dir, overrides, size, tokens):
+    """Mutation checked by hand: build_policy dropping ``model.min_pixels`` fails it."""
     from data.prompts import messages_for
     from eval.rank import load_model
 
@@ -152,6 +155,7 @@ def _logp_and_grads(
 
 
 def test_activation_checkpointing_recomputes_the_same_logprobs_and_gradients(cold_tiny_dir, train_batch):
+    """Mutation checked by hand: build_policy ignoring ``model.gradient_checkpointing`` fails it."""
     plain_cfg = policy_config(cold_tiny_dir, "grpo.kl_coef=0")
     ckpt_cfg = policy_config(cold_tiny_dir, "grpo.kl_coef=0", "model.gradient_checkpointing=true")
     plain, _, processor = build_policy(plain_cfg, CPU)
@@ -177,6 +181,7 @@ def test_activation_checkpointing_recomputes_the_same_logprobs_and_gradients(col
 
 
 def test_bf16_autocast_logprobs_and_gradients_are_close_to_float32(cold_tiny_dir, train_batch):
+    """Mutation checked by hand: ``grpo.train.autocast`` ignoring ``train.bf16`` fails it."""
     fp32_cfg = policy_config(cold_tiny_dir, "grpo.kl_coef=0")
     bf16_cfg = policy_config(cold_tiny_dir, "grpo.kl_coef=0", "train.bf16=true")
     model, _, processor = build_policy(fp32_cfg, CPU)
