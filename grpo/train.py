@@ -131,10 +131,10 @@ def read_eval_groups(cfg: Config) -> list:
 
 def check_data_folder(cfg: Config) -> None:
     """Fail with instructions before any model is loaded if the dataset folder is missing."""
-    for root in {cfg.data.root, cfg.eval.root or cfg.data.root}:
+    for key, root in (("data.root", cfg.data.root), ("eval.root", cfg.eval.root or cfg.data.root)):
         if not Path(root).is_dir():
             raise DataError(f"dataset folder {root!r} not found: {DATA_HELP[cfg.data.kind]}, "
-                             f"or point data.root=... at it")  # fmt: skip
+                            f"or point {key}=... at it")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -12,9 +12,22 @@ from PIL import Image
 from models.qwen_vl import load_policy
 from models.tiny import build_like, build_tiny
 
-# ``../shared/fixtures`` beside the checkout (CI has it; a user's fresh clone may not).
-SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-REAL_QWEN_FILES = SHARED_FIXTURES / "qwen2.5-vl-7b-instruct"
+# The project's shared fixtures live beside the checkout (``../shared/fixtures``, as on CI);
+# a copy under ``tests/fixtures`` (e.g. vendored into a fork) is used first.
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE_DIRS = (REPO / "tests" / "fixtures", REPO.parent / "shared" / "fixtures")
+
+
+def shared_fixture(name: str) -> Path:
+    """The fixture file or folder ``name``, found relative to the checkout; skips the test if absent.
+
+    Never an absolute path: the project may live anywhere. ``pytest -ra`` prints the skip reason.
+    """
+    for folder in FIXTURE_DIRS:
+        if (folder / name).exists():
+            return folder / name
+    pytest.skip(f"fixture {name} not found in {' or '.join(str(d) for d in FIXTURE_DIRS)} "
+                "(the project's shared/fixtures folder beside the checkout)")  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -85,9 +98,7 @@ def cold_tiny_dir(tiny_dir, synthetic_ir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_files():
     """The real Qwen2.5-VL-7B-Instruct non-weight files (``../shared/fixtures``), or a skip."""
-    if not (REAL_QWEN_FILES / "config.json").is_file():
-        pytest.skip(f"{REAL_QWEN_FILES} is absent: the real Qwen2.5-VL-7B-Instruct files live in ../shared")
-    return REAL_QWEN_FILES
+    return shared_fixture("qwen2.5-vl-7b-instruct")
 
 
 @pytest.fixture(scope="session")

@@ -17,14 +17,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import shared_fixture
 from PIL import Image
 
 from data import imagereward
 from data.images import BadImageError
 from data.synthetic import COLOURS, write_imagereward
 from data.types import ImageRef
-
-FIXTURE = Path("/work/shared/fixtures/imagereward_test.json")
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +223,7 @@ def test_missing_split_fails_clearly(tmp_path):
 
 def test_github_test_json_with_the_real_labels(tmp_path):
     # The real THUDM/ImageReward data/test.json (labels only) with a stand-in image per path.
-    rows = json.loads(FIXTURE.read_text())
+    rows = json.loads(shared_fixture("imagereward_test.json").read_text())
     rows[1]["ranking"] = rows[1]["ranking"][:-1]  # rank/image length mismatch
     rows[2]["prompt"] = ""  # empty prompt
     rows[3] = {"id": "x", "prompt": "p"}  # malformed row

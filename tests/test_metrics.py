@@ -2,29 +2,19 @@
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import shared_fixture
 from torch.testing import assert_close
 
 from eval.metrics import count_pairs, hpsv2_accuracy, imagereward_accuracy, model_rank, pairwise_accuracy
 
-# The real labels of THUDM/ImageReward data/test.json (no images): in the repo's tests/fixtures/
-# if copied there, else in the shared fixtures folder beside the repo.
-_HERE = Path(__file__).resolve().parent
-FIXTURES = [
-    _HERE / "fixtures" / "imagereward_test.json",
-    _HERE.parents[1] / "shared" / "fixtures" / "imagereward_test.json",
-]
-
 
 @pytest.fixture(scope="module")
 def rankings():
-    found = [path for path in FIXTURES if path.exists()]
-    if not found:
-        pytest.fail(f"imagereward_test.json not found in {[str(p) for p in FIXTURES]}")
-    rows = json.loads(found[0].read_text())
+    """The real labels of THUDM/ImageReward data/test.json (no images), from the shared fixtures."""
+    rows = json.loads(shared_fixture("imagereward_test.json").read_text())
     assert len(rows) == 466
     return [row["ranking"] for row in rows]
 

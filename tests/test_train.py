@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from grpo.config import load_config
 from grpo.rollout import encode_samples
 from grpo.train import SampleStream, lr_at, train
+from models.qwen_vl import load_policy
 
 REQUIRED_METRICS = {
     "step", "lr", "reward_mean", "reward_std", "frac_zero_std", "reward/format", "reward/exact", "reward/approx",
@@ -98,27 +99,56 @@ def test_short_run_changes_weights_and_logs(cold_tiny_dir, synthetic_ir, tmp_pat
 
 
 def test_lora_keeps_base_weights(cold_tiny_dir, synthetic_ir, tmp_path):
+    """LoRA with β > 0: the reference is the base model (adapters off), so the KL term is 0 at the
+    first step and positive once the adapters moved; ``save_merged`` writes W + (α/r)·B·A.
+
+    Mutation checked by hand: the reference pass without ``disable_adapter()`` (KL ≡ 0) fails it."""
+    # lr 1e-2: B starts at 0, and at lr 1e-3 the KL after one step is only ~4e-8
     cfg = tiny_config(cold_tiny_dir, synthetic_ir, tmp_path / "lora", "model.lora_rank=4", "model.lora_alpha=8",
-                      "model.lora_dropout=0.0", "model.freeze_vision=true", "train.save_merged=true")  # fmt: skip
+                      "model.lora_dropout=0.0", "model.freeze_vision=true", "train.save_merged=true",
+                      "train.lr=1e-2")  # fmt: skip
     final = train(cfg)
     adapter = weights(final, "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
     assert not any("visual" in k for k in adapter), "freeze_vision keeps adapters off the vision tower"
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert any(v.abs().sum() > 0 for v in lora_b), "lora_B starts at zero and must have moved"
-    base, merged = weights(Path(cold_tiny_dir)), weights(final / "merged")
+    kl = [json.loads(line)["kl"] for line in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(kl[0]) < 1e-8 and all(k > 1e-6 for k in kl[1:]), f"π_ref must stay the base model: kl {kl}"
+
+    # The merged folder loads as a plain model; compare parameters by module name.
+    base = load_policy(str(cold_tiny_dir))[0].state_dict()
+    merged = load_policy(str(final / "merged"))[0].state_dict()
     assert set(base) == set(merged)
-    assert any(not torch.equal(base[k], merged[k]) for k in base), "merged weights include the update"
+    scale = 8 / 4  # α / r
+    targets = set()
+    for key in adapter:  # base_model.model.<module>.lora_A.weight → <module>.weight
+        if ".lora_A." in key:
+            module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+            a, b = adapter[key], adapter[key.replace(".lora_A.", ".lora_B.")]  # (r, in), (out, r)
+            expected = base[f"{module}.weight"] + scale * b @ a  # (out, in)
+            torch.testing.assert_close(merged[f"{module}.weight"], expected, atol=1e-6, rtol=0, msg=module)
+            targets.add(f"{module}.weight")
+    assert len(targets) == 2 * 7, "q k v o gate up down in each of the 2 decoder layers"
+    assert all(torch.equal(base[k], merged[k]) for k in base if k not in targets), "untargeted weights change"
 
 
-def test_resume_is_bitwise_identical(cold_tiny_dir, synthetic_ir, tmp_path):
-    straight = train(tiny_config(cold_tiny_dir, synthetic_ir, tmp_path / "a", "train.steps=6"))
-    train(tiny_config(cold_tiny_dir, synthetic_ir, tmp_path / "b", "train.steps=3"))
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_resume_is_bitwise_identical(cold_tiny_dir, synthetic_ir, tmp_path, mode):
+    """4 steps straight = 2 steps, then resumed for 2 more: the same weights (the adapter for
+    LoRA, whose base is not saved) and the same metrics, bit for bit."""
+    lora = ["model.lora_rank=4", "model.lora_alpha=8", "model.lora_dropout=0.0"] if mode == "lora" else []
+    name = "adapter_model.safetensors" if mode == "lora" else "model.safetensors"
+    straight = train(tiny_config(cold_tiny_dir, synthetic_ir, tmp_path / "a", "train.steps=4", *lora))
+    train(tiny_config(cold_tiny_dir, synthetic_ir, tmp_path / "b", "train.steps=2", *lora))
     resumed = train(
-        tiny_config(cold_tiny_dir, synthetic_ir, tmp_path / "b", "train.steps=6", "train.resume=auto")
+        tiny_config(cold_tiny_dir, synthetic_ir, tmp_path / "b", "train.steps=4", "train.resume=auto", *lora)
     )
-    a, b = weights(straight), weights(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = weights(straight, name), weights(resumed, name)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(
+        torch.equal(a[k], v) for k, v in weights(tmp_path / "b" / "checkpoint-000002", name).items()
+    )
     ma = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     mb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
 
