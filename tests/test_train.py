@@ -130,7 +130,7 @@ def test_lora_keeps_base_weights(cold_tiny_dir, synthetic_ir, tmp_path):
     assert all(torch.equal(base[k], merged[k]) for k in base if k not in targets), "untargeted weights change"
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", pytest.param("lora", marks=pytest.mark.slow)])
 def test_resume_is_bitwise_identical(cold_tiny_dir, synthetic_ir, tmp_path, mode):
     """4 steps straight = 2 steps, then resumed for 2 more: the same weights (the adapter for
     LoRA, whose base is not saved) and the same metrics, bit for bit."""
