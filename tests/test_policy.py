@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import solid
+from test_soft_head import _completion_batch
 
 from grpo.config import load_config
 from grpo.loss import grpo_loss
@@ -40,21 +41,15 @@ def train_batch(synthetic_ir):
     return samples, [[r.load() for r in s.images] for s in samples], ts.rating_values
 
 
-def fixed_buffer(processor, train_batch, share_prefix=True) -> RolloutBuffer:
-    """A rollout buffer of 3 prompts × G fixed completions (no sampling), advantages ±1."""
+def fixed_buffer(processor, train_batch) -> RolloutBuffer:
+    """The rollout buffer of ``train_batch``'s prompts × G fixed completions (nothing sampled),
+    advantages ±1, prompts shared as in training (``grpo.share_prefix``)."""
     samples, images, rating_values = train_batch
-    tok = processor.tokenizer
-    rows = [tok.encode(t, add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
-            for t in COMPLETIONS * len(samples)]  # fmt: skip
-    T = max(map(len, rows))
-    ids = torch.full((len(rows), T), tok.pad_token_id)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for n, r in enumerate(rows):
-        ids[n, : len(r)], mask[n, : len(r)] = torch.tensor(r), 1
+    ids, mask = _completion_batch(processor, COMPLETIONS * len(samples))  # (N, T), each text + end of turn
     inputs = encode_samples(processor, samples, images, rating_values)
-    buf = RolloutBuffer(inputs, G, ids, mask, COMPLETIONS * len(samples), torch.zeros(len(rows), dtype=torch.bool),
-                        samples, share_prefix=share_prefix)  # fmt: skip
-    buf.advantages_N = torch.tensor([1.0, -1.0] * len(samples))
+    buf = RolloutBuffer(inputs, G, ids, mask, COMPLETIONS * len(samples), torch.zeros(len(ids), dtype=torch.bool),
+                        samples, share_prefix=True)  # fmt: skip
+    buf.advantages_N = torch.tensor([1.0, -1.0] * len(samples))  # (N,)
     return buf
 
 
