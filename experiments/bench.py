@@ -36,7 +36,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKLOAD = ROOT / "experiments" / "bench.yaml"
+# workload → (YAML, model folder and data folder under --out)
+WORKLOADS = {
+    "small": (ROOT / "experiments" / "bench.yaml", "model", "hpdv2"),
+    "real": (ROOT / "experiments" / "bench-real.yaml", "like-model", "hpdv2-448"),
+}
+REAL_QWEN_FILES = ROOT.parent / "shared" / "fixtures" / "qwen2.5-vl-7b-instruct"
 RESULT_TAG = "BENCH_RESULT "
 MARK_BEGIN, MARK_END = "<!-- bench:begin (written by experiments/bench.py) -->", "<!-- bench:end -->"
 
@@ -61,13 +66,14 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
-def workload_config(out: Path, **overrides):
-    """``experiments/bench.yaml`` pointed at the model and data under ``out``, with overrides."""
+def workload_config(out: Path, workload: str = "small", **overrides):
+    """The workload's YAML pointed at the model and data under ``out``, with overrides."""
     from grpo.config import load_config
 
-    items = [f"model.name_or_path={out / 'model'}", f"data.root={out / 'hpdv2'}"]
+    yaml, model_dir, data_dir = WORKLOADS[workload]
+    items = [f"model.name_or_path={out / model_dir}", f"data.root={out / data_dir}"]
     items += [f"{k}={v}" for k, v in overrides.items()]
-    return load_config(WORKLOAD, items)
+    return load_config(yaml, items)
 
 
 def force_length(cfg) -> None:
@@ -96,10 +102,10 @@ class ForwardCounter:
         self.n += 1
 
 
-def train_samples(out: Path, n: int):
+def train_samples(cfg, n: int):
     from data.hpdv2 import read_train
 
-    samples = read_train(out / "hpdv2", fraction=1.0, seed=0).samples
+    samples = read_train(cfg.data.root, fraction=1.0, seed=0).samples
     assert len(samples) >= n, f"the benchmark data holds {len(samples)} pairs, {n} needed"
     return samples[:n]
 
@@ -114,7 +120,9 @@ def worker_ours(a) -> dict:
     from grpo.policy import build_policy
     from grpo.train import grpo_step
 
-    cfg = workload_config(a.out, **{"train.bf16": a.precision == "bf16", "grpo.share_prefix": a.share_prefix})
+    cfg = workload_config(
+        a.out, a.workload, **{"train.bf16": a.precision == "bf16", "grpo.share_prefix": a.share_prefix}
+    )
     force_length(cfg)
     device = torch.device("cpu")
     torch.manual_seed(cfg.train.seed)
@@ -122,7 +130,7 @@ def worker_ours(a) -> dict:
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     B, n_steps = cfg.grpo.prompts_per_step, a.warmup + a.steps
-    samples = train_samples(a.out, B * n_steps)
+    samples = train_samples(cfg, B * n_steps)
     policy_calls, reference_calls = ForwardCounter(policy), ForwardCounter(reference)
     setup_rss = rss_mb()
     times, phases, lengths, calls = [], [], [], []
@@ -159,12 +167,12 @@ def worker_trl(a) -> dict:
 
     from data.prompts import messages_for
     from grpo.rewards import compute_rewards
-    from models.qwen_vl import load_policy, suppressed_token_ids
+    from models.qwen_vl import load_policy, set_pixel_bounds, suppressed_token_ids
 
-    cfg = workload_config(a.out)
+    cfg = workload_config(a.out, a.workload)
     g, t = cfg.grpo, cfg.train
     B, n_steps = g.prompts_per_step, a.warmup + a.steps
-    samples = train_samples(a.out, B * n_steps)
+    samples = train_samples(cfg, B * n_steps)
     dataset = Dataset.from_dict({
         "prompt": [messages_for(s.task, s.prompt, len(s.images)) for s in samples],
         "images": [[ref.load() for ref in s.images] for s in samples],
@@ -194,6 +202,7 @@ def worker_trl(a) -> dict:
 
     torch.manual_seed(t.seed)
     model, processor = load_policy(cfg.model.name_or_path, dtype=cfg.model.dtype)
+    set_pixel_bounds(processor, cfg.model.min_pixels, cfg.model.max_pixels)  # as our build_policy does
     args = GRPOConfig(
         output_dir=str(a.out / "trl-run"), report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=1,
         use_cpu=True, bf16=a.precision == "bf16", seed=t.seed, shuffle_dataset=False, dataloader_num_workers=0,
@@ -227,24 +236,24 @@ def worker_groups(a) -> dict:
     from grpo.policy import build_policy
     from grpo.rollout import encode_samples
     from grpo.train import grpo_step
-    from models.prefix import prefill_shared
+    from models.kv_cache import prefill_shared
     from models.qwen_vl import repeat_inputs
 
-    cfg = workload_config(a.out)
+    cfg = workload_config(a.out, a.workload)
     force_length(cfg)
     device = torch.device("cpu")
     torch.manual_seed(cfg.train.seed)
     policy, reference, processor = build_policy(cfg, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.train.lr)
     B, n_steps = cfg.grpo.prompts_per_step, a.warmup + a.steps
-    samples = train_samples(a.out, B * n_steps)
+    samples = train_samples(cfg, B * n_steps)
     batches = [samples[B * i : B * (i + 1)] for i in range(n_steps)]
     images = [[[ref.load() for ref in s.images] for s in batch] for batch in batches]
     out = {}
     for j, G in enumerate(a.group_sizes):
         for share in (True, False) if j % 2 == 0 else (False, True):  # alternate which mode goes first
-            c = workload_config(a.out, **{"grpo.group_size": G, "grpo.minibatch_size": B * G,
-                                          "grpo.share_prefix": share})  # fmt: skip
+            c = workload_config(a.out, a.workload, **{"grpo.group_size": G, "grpo.minibatch_size": B * G,
+                                                      "grpo.share_prefix": share})  # fmt: skip
             times, phases = [], []
             for i in range(n_steps):
                 t0 = time.perf_counter()
@@ -289,7 +298,7 @@ def worker_lm_head(a) -> dict:
     policy, _, processor = build_policy(cfg, torch.device("cpu"))
     policy.train()
     G, T = cfg.grpo.group_size, cfg.grpo.max_new_tokens
-    batch = train_samples(a.out, cfg.grpo.prompts_per_step)
+    batch = train_samples(cfg, cfg.grpo.prompts_per_step)
     inputs = repeat_inputs(
         encode_samples(processor, batch, [[r.load() for r in s.images] for s in batch], None), G
     )
@@ -371,10 +380,12 @@ WORKERS = {"ours": worker_ours, "trl": worker_trl, "groups": worker_groups, "lm_
 # ------------------------------------------------------------------------------------- parent
 
 
-def prepare(out: Path, quick: bool) -> None:
-    """The small tiny model and the 200-px synthetic datasets (built once, reused)."""
+def prepare(out: Path, workloads: list[str], like: Path) -> None:
+    """The models and synthetic datasets of the workloads (built once, reused): the small tiny
+    model with 200-px data; a tiny-sized model of the real configuration (``models.tiny --like``)
+    with 448-px pairs."""
     from data.synthetic import write_hpdv2, write_imagereward
-    from models.tiny import build_tiny
+    from models.tiny import build_like, build_tiny
 
     if not (out / "model" / "model.safetensors").exists():
         build_tiny(out / "model", seed=0, preset="small")
@@ -382,11 +393,17 @@ def prepare(out: Path, quick: bool) -> None:
         write_hpdv2(out / "hpdv2", prompts=32, seed=0, task="colour", size=200)
     if not (out / "imagereward" / "synthetic.json").exists():
         write_imagereward(out / "imagereward", prompts=32, seed=0, task="colour", size=200)
+    if "real" in workloads:
+        if not (out / "like-model" / "model.safetensors").exists():
+            build_like(out / "like-model", like, seed=0)
+        if not (out / "hpdv2-448" / "synthetic.json").exists():
+            write_hpdv2(out / "hpdv2-448", prompts=32, seed=0, task="colour", size=448)
 
 
 def run(kind: str, a, **extra) -> dict:
     """One worker in a fresh process; returns its JSON result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--out", str(a.out),
+           "--workload", extra.pop("workload", "small"),
            "--threads", str(a.threads), "--warmup", str(extra.pop("warmup", a.warmup)),
            "--steps", str(extra.pop("steps", a.steps)), "--eval-groups", str(a.eval_groups),
            "--group-sizes", *map(str, a.group_sizes)]  # fmt: skip
@@ -432,6 +449,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per process")
     p.add_argument("--rounds", type=int, default=2, help="processes per side and precision (alternating)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument(
+        "--workloads",
+        nargs="+",
+        default=["small", "real"],
+        choices=sorted(WORKLOADS),
+        help="small: the tiny 'small' preset; real: the real 7B configuration shrunk (needs --like)",
+    )
+    p.add_argument("--real-steps", type=int, default=2, help="timed steps per process, real workload")
+    p.add_argument(
+        "--real-rounds", type=int, default=2, help="processes per side and precision, real workload"
+    )
+    p.add_argument(
+        "--like",
+        type=Path,
+        default=REAL_QWEN_FILES,
+        help="the real Qwen2.5-VL-7B-Instruct files without weights (default ../shared/fixtures/...)",
+    )
     p.add_argument("--group-sizes", nargs="+", type=int, default=[2, 4, 8, 16])
     p.add_argument("--eval-groups", type=int, default=8, help="prompts per evaluation throughput run")
     p.add_argument(
@@ -441,6 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--share-prefix", default="true", help=argparse.SUPPRESS)
+    p.add_argument("--workload", default="small", choices=sorted(WORKLOADS), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.out = a.out.resolve()
 
@@ -454,43 +489,66 @@ def main(argv: list[str] | None = None) -> None:
 
     if a.quick:
         a.warmup, a.steps, a.rounds, a.precisions, a.group_sizes, a.eval_groups = 0, 1, 1, ["fp32"], [2], 1
+        a.real_steps, a.real_rounds = 1, 1
+    if "real" in a.workloads and not (a.like / "config.json").is_file():
+        print(f"skipping the real workload: {a.like} has no config.json (pass --like DIR)", file=sys.stderr)
+        a.workloads = [w for w in a.workloads if w != "real"]
     a.out.mkdir(parents=True, exist_ok=True)
-    prepare(a.out, a.quick)
-    cfg = workload_config(a.out)
-    per_step = cfg.grpo.prompts_per_step * cfg.grpo.group_size
+    prepare(a.out, a.workloads, a.like)
     t_start = time.perf_counter()
-    by_precision = {}
-    for precision in a.precisions:
-        print(f"{precision}: ours and TRL alternating, {a.rounds} process(es) each", file=sys.stderr)
-        runs = {"ours": [], "trl": []}
-        for r in range(a.rounds):
-            for side in ("ours", "trl") if r % 2 == 0 else ("trl", "ours"):
-                runs[side].append(run(side, a, precision=precision))
-        ours, trl = summarise(runs["ours"], per_step), summarise(runs["trl"], per_step)
-        by_precision[precision] = {
-            "ours": ours, "trl": trl,
-            "speedup": ours["completions_per_s"] / trl["completions_per_s"],
-            "peak_rss_ratio": ours["peak_rss_mb"] / trl["peak_rss_mb"],
-        }  # fmt: skip
+    workloads = {}
+    for workload in a.workloads:
+        cfg = workload_config(a.out, workload)
+        per_step = cfg.grpo.prompts_per_step * cfg.grpo.group_size
+        rounds = a.rounds if workload == "small" else a.real_rounds
+        steps = a.steps if workload == "small" else a.real_steps
+        by_precision = {}
+        for precision in a.precisions:
+            print(
+                f"{workload} {precision}: ours and TRL alternating, {rounds} process(es) each",
+                file=sys.stderr,
+            )
+            runs = {"ours": [], "trl": []}
+            for r in range(rounds):
+                for side in ("ours", "trl") if r % 2 == 0 else ("trl", "ours"):
+                    runs[side].append(run(side, a, precision=precision, workload=workload, steps=steps))
+            ours, trl = summarise(runs["ours"], per_step), summarise(runs["trl"], per_step)
+            by_precision[precision] = {
+                "ours": ours, "trl": trl,
+                "speedup": ours["completions_per_s"] / trl["completions_per_s"],
+                "peak_rss_ratio": ours["peak_rss_mb"] / trl["peak_rss_mb"],
+            }  # fmt: skip
+        workloads[workload] = {"workload": workload_summary(cfg, workload), "protocol": {
+            "warmup_steps_per_process": a.warmup, "timed_steps_per_process": steps,
+            "processes_per_side_and_precision": rounds}, **by_precision}  # fmt: skip
+    cfg = workload_config(a.out)
+    by_precision = {k: v for k, v in workloads.get("small", {}).items() if k in ("fp32", "bf16")}
     groups = lm_head = evaluation = None
-    if not a.headline_only:
+    sharing_real = None
+    if not a.headline_only and "real" in a.workloads:
+        print("real workload, checkpointing on: prefix sharing on/off", file=sys.stderr)
+        sharing_real = run("groups", a, workload="real", group_sizes=8, warmup=0 if a.quick else 1,
+                           steps=1 if a.quick else a.real_steps)  # fmt: skip
+    if not a.headline_only and "small" in a.workloads:
         print("group sizes, prefix sharing on/off", file=sys.stderr)
         groups = run("groups", a, warmup=1 if not a.quick else 0, steps=2 if not a.quick else 1)
         lm_head = run("lm_head", a)
         print("evaluation throughput", file=sys.stderr)
         evaluation = run("eval", a)
-    head = by_precision[a.precisions[0]]
+    head = by_precision.get(a.precisions[0], {})
     result = {
         "precision": a.precisions[0],
-        "ours": head["ours"],
-        "trl": head["trl"],
-        "speedup": head["speedup"],
-        "peak_rss_ratio": head["peak_rss_ratio"],
+        "ours": head.get("ours"),
+        "trl": head.get("trl"),
+        "speedup": head.get("speedup"),
+        "peak_rss_ratio": head.get("peak_rss_ratio"),
         "by_precision": by_precision,
+        "workloads": workloads,
+        "sharing_real": sharing_real,
         "group_sizes": groups,
         "lm_head": lm_head,
         "eval": evaluation,
-        "workload": workload_summary(cfg),
+        "workload": workload_summary(cfg, "small"),
         "machine": machine_summary(a.threads),
         "protocol": {
             "warmup_steps_per_process": a.warmup,
@@ -512,10 +570,20 @@ def main(argv: list[str] | None = None) -> None:
 # ------------------------------------------------------------------------------------ reports
 
 
-def workload_summary(cfg) -> dict:
+WORKLOAD_TEXT = {
+    "small": ("tiny preset 'small' (text 256×4, vision 128×4, ~6M parameters, vocabulary 896, random weights)",
+              "synthetic HPDv2 pairs, 200×200 px (49 image tokens per image), prompt 238 tokens"),
+    "real": ("the real Qwen2.5-VL-7B-Instruct configuration shrunk to text 128×2, vision 64×2 (`models.tiny --like`; "
+             "39.7M parameters, 39M of them the embedding and the LM head of the real vocabulary 152,064; real "
+             "tokenizer, chat template and processor; random weights)",
+             "synthetic HPDv2 pairs, 448×448 px (256 image tokens per image), prompt 628 tokens"),
+}  # fmt: skip
+
+
+def workload_summary(cfg, workload: str) -> dict:
     g = cfg.grpo
-    return {"model": "tiny preset 'small' (text 256×4, vision 128×4, ~6M parameters, random weights)",
-            "data": "synthetic HPDv2 pairs, 200×200 px (49 image tokens per image), prompt 238 tokens",
+    model, data = WORKLOAD_TEXT[workload]
+    return {"model": model, "data": data,
             "G": g.group_size, "prompts_per_step": g.prompts_per_step,
             "completions_per_step": g.prompts_per_step * g.group_size, "new_tokens": g.max_new_tokens,
             "beta": g.kl_coef, "mu": g.ppo_epochs, "epsilon": g.clip_eps, "lr": cfg.train.lr,
@@ -546,32 +614,52 @@ def command_line(a) -> str:
         args.append("--precisions " + " ".join(a.precisions))
     if a.headline_only:
         args.append("--headline-only")
+    if sorted(a.workloads) != ["real", "small"]:
+        args.append("--workloads " + " ".join(a.workloads))
+    if not a.quick and (a.real_steps, a.real_rounds) != (2, 2):
+        args.append(f"--real-steps {a.real_steps} --real-rounds {a.real_rounds}")
     return " ".join(args)
 
 
 def markdown(r: dict) -> str:
-    w, m = r["workload"], r["machine"]
+    m = r["machine"]
     lines = [
         f"Command: `{r['command']}`{' (`make bench`)' if r['command'].endswith('runs/bench') else ''}, {m['threads']} thread(s) per process, "
         f"{m['cores']} cores, AMX {'yes' if m['amx'] else 'no'}, torch {m['torch']}, "
         f"transformers {m['transformers']}, trl {m['trl']}; load average at the end {m['load_avg_at_end'][0]:.1f} "
         "(other jobs share the machine: timings are medians over alternating processes).",
-        "",
-        f"Workload: G = {w['G']}, {w['prompts_per_step']} prompts per step ({w['completions_per_step']} completions), "
-        f"{w['new_tokens']} new tokens forced, β = {w['beta']}, μ = {w['mu']}; {w['model']}; {w['data']}.",
-        "",
-        "| precision | side | median step (s) | completions/s | peak RSS (MiB) | RSS after setup (MiB) | speedup |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for precision, p in r["by_precision"].items():
-        for side in ("ours", "trl"):
-            s = p[side]
-            speed = f"**{p['speedup']:.2f}×**" if side == "ours" else ""
-            lines.append(f"| {precision} | {'ours' if side == 'ours' else 'TRL GRPOTrainer'} | {s['median_step_s']:.2f} | "
-                         f"{s['completions_per_s']:.2f} | {s['peak_rss_mb']:.0f} | {s['setup_rss_mb']:.0f} | {speed} |")  # fmt: skip
-    lines += ["", "Our step by phase (median s): " + "; ".join(
-        f"{prec}: " + ", ".join(f"{k} {v:.2f}" for k, v in p["ours"]["phases_s"].items())
-        for prec, p in r["by_precision"].items())]  # fmt: skip
+    ]  # fmt: skip
+    for name, wl in r["workloads"].items():
+        w, pr = wl["workload"], wl["protocol"]
+        lines += [
+            "",
+            f"**Workload {name}**: G = {w['G']}, {w['prompts_per_step']} prompts per step ({w['completions_per_step']} "
+            f"completions), {w['new_tokens']} new tokens forced, β = {w['beta']}, μ = {w['mu']}, activation "
+            f"checkpointing {'on' if w['gradient_checkpointing'] else 'off'} (both sides); {w['model']}; {w['data']}. "
+            f"{pr['processes_per_side_and_precision']} process(es) per side, {pr['timed_steps_per_process']} timed "
+            f"step(s) each after {pr['warmup_steps_per_process']} warm-up.",
+            "",
+            "| precision | side | median step (s) | completions/s | peak RSS (MiB) | RSS after setup (MiB) | speedup | peak RSS ratio |",
+            "|---|---|---|---|---|---|---|---|",
+        ]  # fmt: skip
+        precisions = {k: v for k, v in wl.items() if k in ("fp32", "bf16")}
+        for precision, p in precisions.items():
+            for side in ("ours", "trl"):
+                s = p[side]
+                speed = f"**{p['speedup']:.2f}×**" if side == "ours" else ""
+                ratio = f"**{p['peak_rss_ratio']:.2f}**" if side == "ours" else ""
+                lines.append(f"| {precision} | {'ours' if side == 'ours' else 'TRL GRPOTrainer'} | {s['median_step_s']:.2f} | "
+                             f"{s['completions_per_s']:.2f} | {s['peak_rss_mb']:.0f} | {s['setup_rss_mb']:.0f} | {speed} | {ratio} |")  # fmt: skip
+        lines += ["", "Our step by phase (median s): " + "; ".join(
+            f"{prec}: " + ", ".join(f"{k} {v:.2f}" for k, v in p["ours"]["phases_s"].items())
+            for prec, p in precisions.items())]  # fmt: skip
+    if r.get("sharing_real") is not None:
+        lines += ["", "Real workload, our step with activation checkpointing on, prefix sharing on vs off (fp32):", "",
+                  "| prefix sharing | step (s) | generate | reference | update |", "|---|---|---|---|---|"]  # fmt: skip
+        for x in sorted(r["sharing_real"].values(), key=lambda x: not x["share_prefix"]):
+            ph = x["phases_s"]
+            lines.append(f"| {'on' if x['share_prefix'] else 'off'} | {x['step_s']:.2f} | {ph['generate']:.2f} | "
+                         f"{ph['reference']:.2f} | {ph['update']:.2f} |")  # fmt: skip
     if r["group_sizes"] is not None:
         lines += extras_markdown(r)
     return "\n".join(lines) + "\n"

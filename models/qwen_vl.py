@@ -1,459 +1,60 @@
-"""Thin wrappers around Hugging Face's Qwen2.5-VL: load, build inputs, sample, per-token log-probs.
+"""Qwen2.5-VL for GRPO: the functions the rest of the project calls, gathered from the files that hold them.
 
-The same functions serve the tiny offline model and ``Qwen/Qwen2.5-VL-7B-Instruct``.
+``models`` reads in one direction, each file importing only the ones above it:
 
-Shapes (key): ``B`` examples in a batch, ``L`` prompt tokens (left padded), ``T`` completion
-tokens (right padded), ``V`` vocabulary. Qwen2.5-VL's image inputs are *packed*, not batch
-first: ``pixel_values (P, C·tp·14·14)`` holds the patches of every image of the batch back to
-back, and ``image_grid_thw (I, 3)`` has one ``(t, h, w)`` row per image, in prompt order; image
-``i`` owns ``t·h·w`` patch rows and ``t·h·w / merge²`` ``<|image_pad|>`` tokens.
+| file                | what it holds |
+|---------------------|---------------|
+| ``loading.py``      | ``load_policy`` / ``load_processor``, pixel bounds, ``render_prompt``, ``build_inputs``, ``select_rows`` / ``repeat_inputs``, ``unwrap`` |
+| ``kv_cache.py``     | prefix sharing's pieces: a prompt forwarded once (``prefill_prompts``), its keys/values seen by the G rows that continue it, ``decode`` on top; safe under activation checkpointing |
+| ``sampling.py``     | ``sample_completions`` (``generate``, or one prefill per prompt with ``share_prefix``), ``sample_shared_first_image`` |
+| ``logprobs.py``     | ``completion_logprobs``: hidden states at the completion positions (one prompt forward per group with ``prompt_rows``), then LM head + log-softmax by chunks, never (N, T, V) logits |
+| ``soft_head.py``    | soft scores at the answer position |
+| ``qwen_vl.py``      | this file: the public names above, importable from one place (and from where they lived before issue 13) |
 
-Facts this module relies on (DESIGN §8, measured with transformers 5.23):
-- ``Qwen2_5_VLProcessor`` / ``AutoProcessor`` need torchvision for the video processor, so we
-  use an image-only subclass and save it under the standard class name.
-- Sampling suppresses the vision special tokens (a random model may sample ``<|image_pad|>``,
-  and the re-forward then fails) and uses ``top_k=0, top_p=1.0`` so that the distribution we
-  sample from is the one we score.
-- ``mm_token_type_ids`` (1 on image tokens) must reach every forward: without it transformers
-  silently falls back to 1-D positions and log-probs drift by ~1e-2.
-- Prefix sharing (``share_prefix`` / ``prompt_rows``, implemented in ``models.prefix``): a
-  prompt and its images go through the model once per group and the KV cache is indexed to its
-  G completions; layers under gradient checkpointing drop the cache, so there the log-prob pass
-  repeats the prompt rows instead.
+``tiny.py`` builds the offline test models.
 """
 
-from __future__ import annotations
-
-import json
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-
-import torch
-from PIL import Image
-from transformers import (
-    AutoTokenizer,
-    GenerationConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
-    Qwen2VLImageProcessorPil,
+from models.kv_cache import kv_cache_available, rope_positions
+from models.loading import (
+    DEFAULT_MAX_PIXELS,
+    ImageOnlyQwenVLProcessor,
+    build_inputs,
+    image_counts,
+    image_token_count,
+    load_chat_template,
+    load_policy,
+    load_processor,
+    render_prompt,
+    repeat_inputs,
+    save_processor,
+    select_rows,
+    set_pixel_bounds,
+    token_ids,
+    unwrap,
 )
-from transformers.utils import logging as hf_logging
-
-# Our commands draw their own progress bars; transformers' per-load and per-save bars only add noise.
-hf_logging.disable_progress_bar()
-
-VISION_SPECIAL_TOKENS = (
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
+from models.logprobs import (
+    completion_hidden,
+    completion_logits,
+    completion_logprobs,
+    selective_log_softmax,
+    token_logprobs,
+)
+from models.sampling import (
+    VISION_SPECIAL_TOKENS,
+    Completions,
+    neutral_generation_defaults,
+    sample_completions,
+    sample_shared_first_image,
+    sample_shared_prefix,
+    sampling_config,
+    suppressed_token_ids,
 )
 
-
-class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
-    """``Qwen2_5_VLProcessor`` without the video processor (which needs torchvision).
-
-    Its ``__init__`` signature names only ``image_processor`` and ``tokenizer``, which is how
-    ``ProcessorMixin`` decides which sub-processors exist.
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
-def save_processor(processor: ImageOnlyQwenVLProcessor, out_dir: str | Path) -> None:
-    """Save the processor so that plain Hugging Face tools load the folder as a real checkpoint.
-
-    Writes what an upstream Qwen2.5-VL folder has: ``processor_config.json`` and
-    ``preprocessor_config.json`` (with ``min_pixels`` / ``max_pixels``, the keys older
-    transformers read), the tokenizer and the chat template, all naming the standard
-    ``Qwen2_5_VLProcessor`` (our image-only subclass is only how we load it without torchvision).
-    """
-    out = Path(out_dir)
-    processor.save_pretrained(out)
-    processor.image_processor.save_pretrained(out)  # preprocessor_config.json
-    size = processor.image_processor.size
-    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
-        path = out / name
-        if not path.exists():
-            continue
-        cfg = json.loads(path.read_text())
-        if "processor_class" in cfg or name != "tokenizer_config.json":
-            cfg["processor_class"] = "Qwen2_5_VLProcessor"
-        if name == "preprocessor_config.json":
-            cfg["min_pixels"], cfg["max_pixels"] = size["shortest_edge"], size["longest_edge"]
-        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def load_chat_template(name_or_path: str, tokenizer, **hub_kwargs) -> str:
-    """The vision chat template of a checkpoint, wherever the checkpoint keeps it.
-
-    The processor's own template file comes first (``chat_template.jinja``, then the legacy
-    ``chat_template.json``), as in Hugging Face's processors; the tokenizer's template only when
-    neither exists. Order matters: Qwen2.5-VL-7B-Instruct's first upload (January 2025, and every
-    local cache made before April 2025) has the *text-only* Qwen2.5 template in
-    ``tokenizer_config.json`` and the vision template only in ``chat_template.json``.
-    """
-    from transformers.utils import cached_file
-
-    template = None
-    for name in ("chat_template.jinja", "chat_template.json"):
-        path = cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
-        if path is not None:
-            text = Path(path).read_text(encoding="utf-8")
-            template = text if name.endswith(".jinja") else json.loads(text)["chat_template"]
-            break
-    template = template or tokenizer.chat_template
-    if not template:
-        raise ValueError(f"{name_or_path} has no chat template; expected a Qwen2.5-VL-*-Instruct checkpoint")
-    if "<|image_pad|>" not in template:
-        raise ValueError(
-            f"{name_or_path}: its chat template has no <|image_pad|> (a text-only template); "
-            "expected a Qwen2.5-VL-*-Instruct checkpoint"
-        )
-    return template
-
-
-def load_processor(name_or_path: str, **hub_kwargs) -> ImageOnlyQwenVLProcessor:
-    """The tokenizer, image processor and chat template of a Qwen2.5-VL folder or hub id."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False, **hub_kwargs)
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path, **hub_kwargs)
-    chat_template = load_chat_template(name_or_path, tokenizer, **hub_kwargs)
-    tokenizer.padding_side = "left"
-    return ImageOnlyQwenVLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
-    )
-
-
-def load_policy(
-    name_or_path: str,
-    dtype: torch.dtype | str = torch.float32,
-    device: str | torch.device = "cpu",
-    attn_implementation: str | None = None,
-    **hub_kwargs,
-) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageOnlyQwenVLProcessor]:
-    """Load a Qwen2.5-VL model and its image-only processor (hub id or local folder).
-
-    ``trust_remote_code`` stays off; weights load from safetensors. Pass ``local_files_only=True``
-    (or set ``HF_HUB_OFFLINE=1``) to forbid any download.
-    """
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    kwargs = dict(dtype=dtype, trust_remote_code=False, use_safetensors=True, **hub_kwargs)
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, **kwargs).to(device)
-    processor = load_processor(name_or_path, **hub_kwargs)
-    return model, processor
-
-
-# 512 · 28 · 28: at most 512 image tokens per image, the cap of the shipped experiments. The real
-# processor allows 12,845,056 pixels (16,384 tokens): a 4000×3000 photo would cost 15,301 tokens.
-DEFAULT_MAX_PIXELS = 401_408
-
-
-def set_pixel_bounds(processor, min_pixels: int = 0, max_pixels: int = 0) -> None:
-    """Override the image processor's area bounds in pixels (0 keeps the checkpoint's)."""
-    if min_pixels:
-        processor.image_processor.size["shortest_edge"] = min_pixels
-    if max_pixels:
-        processor.image_processor.size["longest_edge"] = max_pixels
-
-
-def image_token_count(processor, image: Image.Image) -> int:
-    """``<|image_pad|>`` tokens ``image`` costs under the processor's current pixel bounds."""
-    ip = processor.image_processor
-    return ip.get_number_of_image_patches(image.height, image.width) // ip.merge_size**2
-
-
-def token_ids(processor, texts: list[str] | tuple[str, ...]) -> list[int]:
-    """The ids of tokens that must each be a single token (e.g. the digits of a rating scale)."""
-    ids = []
-    for text in texts:
-        enc = processor.tokenizer.encode(text, add_special_tokens=False)
-        if len(enc) != 1:
-            raise ValueError(f"{text!r} is {len(enc)} tokens in this tokenizer; the soft head needs one")
-        ids.append(enc[0])
-    return ids
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs
-
-
-def build_inputs(processor, texts: list[str], images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
-    """Tokenize chat-formatted prompts with their images into one left-padded batch.
-
-    ``texts[b]`` is the rendered chat prompt of example ``b`` (see ``render_prompt``) and
-    ``images[b]`` its images in order. Returns ``input_ids (B, L)``, ``attention_mask (B, L)``,
-    ``mm_token_type_ids (B, L)``, ``pixel_values (P, D)`` and ``image_grid_thw (I, 3)``.
-    """
-    assert len(texts) == len(images), "one image list per prompt"
-    flat = [im for ims in images for im in ims]
-    processor.tokenizer.padding_side = "left"
-    enc = processor(text=texts, images=flat or None, padding=True, return_tensors="pt")
-    if "mm_token_type_ids" not in enc:
-        enc["mm_token_type_ids"] = (enc["input_ids"] == processor.image_token_id).long()
-    return dict(enc)
-
-
-def render_prompt(processor, messages: list[dict]) -> str:
-    """The chat-template text of one conversation, ending with the assistant's turn opener."""
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling
-
-
-@dataclass
-class Completions:
-    """``G`` sampled completions for each of ``B`` prompts, flattened to ``N = B·G`` rows.
-
-    Row ``n`` belongs to prompt ``n // G``. ``ids_NT`` is right padded with the pad token and
-    ``mask_NT`` is 1 on real tokens (the end-of-turn token included, which is also scored).
-    """
-
-    ids_NT: torch.Tensor
-    mask_NT: torch.Tensor
-    texts: list[str]
-    truncated_N: torch.Tensor  # True where the completion hit max_new_tokens without ending
-
-
-def suppressed_token_ids(processor) -> list[int]:
-    return processor.tokenizer.convert_tokens_to_ids(list(VISION_SPECIAL_TOKENS))
-
-
-def sampling_config(model, processor, max_new_tokens: int, temperature: float, min_new_tokens: int = 0):
-    """The generation settings GRPO needs: plain sampling from the full softmax at ``temperature``.
-
-    Every field that shapes the sampling distribution is set here, to its neutral value. The
-    checkpoint's ``generation_config.json`` must not leak in: ``generate()`` fills every field
-    left unset from it, and Qwen2.5-VL-7B-Instruct's sets ``repetition_penalty`` 1.05 and
-    ``temperature`` 1e-6, while GRPO scores the unpenalised softmax. Only the end-of-sequence ids
-    come from the checkpoint. ``sample_completions`` also hides the checkpoint's config from
-    ``generate()`` altogether (``neutral_generation_defaults``).
-    """
-    gen = _hf_model(model).generation_config
-    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-    return GenerationConfig(
-        do_sample=True,
-        num_beams=1,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        typical_p=1.0,
-        epsilon_cutoff=0.0,
-        eta_cutoff=0.0,
-        repetition_penalty=1.0,
-        encoder_repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        encoder_no_repeat_ngram_size=0,
-        renormalize_logits=False,
-        remove_invalid_values=False,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        eos_token_id=eos,
-        pad_token_id=processor.tokenizer.pad_token_id,
-        suppress_tokens=suppressed_token_ids(processor),
-        num_return_sequences=1,
-    )
-
-
-@contextmanager
-def neutral_generation_defaults(model):
-    """Hide the checkpoint's generation config from ``generate()`` while sampling.
-
-    ``generate()`` fills each field of the config it is given that is still ``None`` from
-    ``model.generation_config`` (``min_p``, ``sequence_bias``, ``bad_words_ids``, … beyond the ones
-    ``sampling_config`` sets). An empty config in its place leaves only transformers' neutral
-    defaults, so no field of any ``generation_config.json`` changes what we sample.
-    """
-    hf = _hf_model(model)
-    saved, hf.generation_config = hf.generation_config, GenerationConfig()
-    try:
-        yield
-    finally:
-        hf.generation_config = saved
-
-
-@torch.no_grad()
-def sample_completions(
-    model,
-    processor,
-    inputs: dict[str, torch.Tensor],
-    group_size: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    min_new_tokens: int = 0,
-    return_scores: bool = False,
-    share_prefix: bool = False,
-) -> Completions | tuple[Completions, torch.Tensor]:
-    """Sample ``group_size`` completions per prompt.
-
-    By default with one batched ``generate`` call, which repeats every prompt G times *before*
-    the prefill. With ``share_prefix`` each prompt (with its images) is prefilled once and its
-    KV cache shared by its G completions (``models.prefix.sample_shared_prefix``): same distribution, the
-    prompt's cost no longer grows with G.
-
-    With ``return_scores`` the raw logits of each step come back too, ``(N, T, V)``, which the
-    tests compare with our re-forward log-probs.
-    """
-    if share_prefix:
-        from models.prefix import sample_shared_prefix  # models.prefix builds on this module
-
-        return sample_shared_prefix(
-            model, processor, inputs, group_size, max_new_tokens, temperature, min_new_tokens, return_scores
-        )
-    cfg = sampling_config(model, processor, max_new_tokens, temperature, min_new_tokens)
-    cfg.num_return_sequences = group_size
-    L = inputs["input_ids"].shape[1]
-    cfg.return_dict_in_generate = True
-    cfg.output_logits = return_scores
-    with neutral_generation_defaults(model):
-        out = model.generate(**inputs, generation_config=cfg)
-    ids_NT = out.sequences[:, L:]  # (N, T)
-    completions = _trim(ids_NT, processor, cfg.eos_token_id, max_new_tokens)
-    if return_scores:
-        return completions, torch.stack(out.logits, dim=1)  # (N, T, V)
-    return completions
-
-
-def _trim(ids_NT: torch.Tensor, processor, eos_ids: list[int], max_new_tokens: int) -> Completions:
-    """Mask everything after the first end-of-sequence token (which itself stays unmasked)."""
-    is_eos = torch.isin(ids_NT, torch.tensor(eos_ids, device=ids_NT.device))
-    # A token is real if no eos came strictly before it.
-    eos_before = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
-    mask_NT = (~eos_before).long()
-    ended = is_eos.any(dim=1)
-    pad = processor.tokenizer.pad_token_id
-    ids_NT = ids_NT.masked_fill(mask_NT == 0, pad)
-    texts = processor.tokenizer.batch_decode(ids_NT, skip_special_tokens=True)
-    truncated = ~ended & (ids_NT.shape[1] >= max_new_tokens)
-    return Completions(ids_NT=ids_NT, mask_NT=mask_NT, texts=texts, truncated_N=truncated)
-
-
-def _hf_model(model):
-    """The ``Qwen2_5_VLForConditionalGeneration`` under DDP and peft wrappers."""
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-# ---------------------------------------------------------------------------------------------
-# Log-probs
-
-
-def select_rows(inputs: dict[str, torch.Tensor], rows: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
-    """Prompt rows ``rows`` of a batch (repeats allowed), with the packed images sliced to match.
-
-    ``pixel_values`` and ``image_grid_thw`` are packed over all images of the batch, so a row's
-    images are found by counting the image blocks of the rows before it.
-    """
-    rows = torch.as_tensor(rows, dtype=torch.long).tolist()
-    out = {k: inputs[k][rows] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    if "pixel_values" in inputs:
-        counts = torch.tensor(image_counts(inputs))
-        img_start = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # (B+1,)
-        patches = inputs["image_grid_thw"].prod(dim=1)  # (I,) patch rows per image
-        patch_start = torch.cat([torch.zeros(1, dtype=torch.long), patches.cumsum(0).cpu()])  # (I+1,)
-        pv, grid = [], []
-        for r in rows:
-            first, last = img_start[r], img_start[r + 1]
-            pv.append(inputs["pixel_values"][patch_start[first] : patch_start[last]])
-            grid.append(inputs["image_grid_thw"][first:last])
-        out["pixel_values"] = torch.cat(pv)  # (P', D)
-        out["image_grid_thw"] = torch.cat(grid)  # (I', 3)
-    return out
-
-
-def repeat_inputs(inputs: dict[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
-    """Repeat a batch of B prompts G times each: rows ``b·G … b·G+G−1`` are prompt ``b``."""
-    B = inputs["input_ids"].shape[0]
-    return select_rows(inputs, torch.arange(B).repeat_interleave(group_size))
-
-
-def image_counts(inputs: dict[str, torch.Tensor]) -> list[int]:
-    """Number of images in each prompt row, read from the ``<|vision_start|>`` blocks."""
-    ids = inputs["input_ids"]
-    mm = inputs["mm_token_type_ids"]
-    # An image block is a run of image tokens; count run starts per row.
-    starts = (mm == 1) & torch.nn.functional.pad(mm[:, :-1] != 1, (1, 0), value=True)
-    return starts.sum(dim=1).tolist() if ids.numel() else []
-
-
-def completion_logprobs(
-    model,
-    inputs: dict[str, torch.Tensor],
-    completion_ids_NT: torch.Tensor,
-    completion_mask_NT: torch.Tensor,
-    temperature: float = 1.0,
-    prompt_rows: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-token log π(y_t | prompt, images, y_<t) of the completions, ``(N, T)``.
-
-    ``inputs`` holds one prompt row per completion (``repeat_inputs`` for groups), or, with
-    ``prompt_rows``, P distinct prompts (see ``completion_logits``). The log-softmax is taken in
-    float32 without keeping a second ``(N, T, V)`` tensor alive.
-    """
-    logits_NTV = completion_logits(
-        model, inputs, completion_ids_NT, completion_mask_NT, temperature, prompt_rows
-    )
-    return selective_log_softmax(logits_NTV, completion_ids_NT)
-
-
-def completion_logits(
-    model,
-    inputs: dict[str, torch.Tensor],
-    completion_ids_NT: torch.Tensor,
-    completion_mask_NT: torch.Tensor,
-    temperature: float = 1.0,
-    prompt_rows: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Logits / temperature at the positions that predict completion tokens, float32 ``(N, T, V)``.
-
-    The forward runs over ``[prompt ‖ completion]`` but the LM head only over the ``T`` positions
-    that predict completion tokens (``logits_to_keep``). Dividing by ``temperature`` scores the
-    same distribution ``generate`` sampled from.
-
-    With ``prompt_rows (N,)``, ``inputs`` holds P distinct prompts and completion ``n`` continues
-    prompt ``prompt_rows[n]``: each prompt and its images go through the model once, and the
-    completions attend to its keys/values (``models.prefix.prefill_shared``). Same values and gradients, the
-    prompt's cost paid once per group instead of G times.
-    """
-    if prompt_rows is not None:
-        from models.prefix import (  # models.prefix builds on this module
-            kv_cache_available,
-            shared_prefix_logits,
-        )
-
-        if kv_cache_available(model):
-            return shared_prefix_logits(
-                model, inputs, completion_ids_NT, completion_mask_NT, temperature, prompt_rows
-            )
-        inputs = select_rows(
-            inputs, prompt_rows
-        )  # checkpointed layers drop the cache: repeat the prompt rows
-    N, T = completion_ids_NT.shape
-    input_ids = torch.cat([inputs["input_ids"], completion_ids_NT], dim=1)  # (N, L+T)
-    attention_mask = torch.cat(
-        [inputs["attention_mask"], completion_mask_NT.to(inputs["attention_mask"])], dim=1
-    )
-    mm = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(completion_ids_NT)], dim=1)
-    extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        mm_token_type_ids=mm,
-        logits_to_keep=T + 1,
-        use_cache=False,
-        **extra,
-    )
-    return out.logits[:, :-1, :].float() / temperature  # (N, T, V): position t predicts token t
-
-
-def selective_log_softmax(logits_NTV: torch.Tensor, ids_NT: torch.Tensor) -> torch.Tensor:
-    """``log_softmax(logits)[ids]`` without keeping a second (N, T, V) tensor alive."""
-    picked = torch.gather(logits_NTV, -1, ids_NT.unsqueeze(-1)).squeeze(-1)  # (N, T)
-    return picked - torch.logsumexp(logits_NTV, dim=-1)
+__all__ = [
+    "DEFAULT_MAX_PIXELS", "VISION_SPECIAL_TOKENS", "Completions", "ImageOnlyQwenVLProcessor", "build_inputs",
+    "completion_hidden", "completion_logits", "completion_logprobs", "image_counts", "image_token_count",
+    "kv_cache_available", "load_chat_template", "load_policy", "load_processor", "neutral_generation_defaults",
+    "render_prompt", "repeat_inputs", "rope_positions", "sample_completions", "sample_shared_first_image",
+    "sample_shared_prefix", "sampling_config", "save_processor", "select_rows", "selective_log_softmax",
+    "set_pixel_bounds", "suppressed_token_ids", "token_ids", "token_logprobs", "unwrap",
+]  # fmt: skip

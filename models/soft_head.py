@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from data.prompts import ANSWER_OPEN, THINK_CLOSE, parse_completion
-from models.qwen_vl import select_rows
+from models.loading import select_rows, unwrap
 
 
 def expected_rating(logits: torch.Tensor, rating_token_ids, rating_values) -> torch.Tensor:
@@ -73,14 +73,6 @@ def fallback_text(completion_text: str) -> str:
     cut = completion_text.find(THINK_CLOSE)
     head = completion_text[:cut] if cut >= 0 else completion_text.split(ANSWER_OPEN)[0]
     return head + THINK_CLOSE + ANSWER_OPEN
-
-
-def unwrap(model):
-    """The Hugging Face ``Qwen2_5_VLForConditionalGeneration`` under DDP and peft wrappers."""
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    if hasattr(model, "get_base_model"):  # peft: LoRA layers live inside the base model's modules
-        model = model.get_base_model()
-    return model
 
 
 def logits_at(
