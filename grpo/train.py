@@ -286,6 +286,8 @@ def train(cfg: Config) -> Path:
     train_set = read_train_set(cfg)
     eval_groups = read_eval_groups(cfg) if cfg.eval.every else []
     ckpt = resolve_resume(cfg.train.resume, out)
+    if rank == 0:  # before any weight reaches the device
+        print_memory_plan(cfg, world, device)
 
     torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank (DDP also broadcasts it)
     policy, reference, processor = build_policy(cfg, device, resume_from=ckpt)
@@ -344,6 +346,15 @@ def train(cfg: Config) -> Path:
     if world > 1:
         dist.barrier()
     return out / f"checkpoint-{cfg.train.steps:06d}"
+
+
+def print_memory_plan(cfg: Config, world: int, device: torch.device) -> None:
+    """``grpo.memory``'s plan of this run on this hardware, before training starts."""
+    from grpo.memory import device_memory, format_plan, plan_for_config
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    plan = plan_for_config(cfg, world, device_memory(device, local), download=True)
+    print(format_plan(plan), file=sys.stderr)
 
 
 def gather_rank_states(policy, position: int, world: int) -> list[dict]:
