@@ -70,6 +70,14 @@ def save_checkpoint(
 
     tensors, param_groups = _flatten_optimizer(optimizer)
     save_file(tensors, tmp / "optimizer.safetensors")
+    write_trainer_state(tmp, step, rank_states, param_groups, config)
+    return commit(tmp, final, keep_last)
+
+
+def write_trainer_state(
+    tmp: Path, step: int, rank_states: list[dict], param_groups: list, config: Config
+) -> None:
+    """``rng.safetensors``, ``trainer_state.json`` and ``config.yaml`` of a checkpoint being written."""
     np_state = np.random.get_state()
     rng = {"numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
     for r, rs in enumerate(rank_states):
@@ -88,10 +96,13 @@ def save_checkpoint(
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
     save_config(config, tmp / "config.yaml")
 
+
+def commit(tmp: Path, final: Path, keep_last: int) -> Path:
+    """Rename a fully written checkpoint into place and prune the oldest beyond ``keep_last``."""
     if final.exists():  # re-saving the same step (e.g. the end of a resumed run)
         shutil.rmtree(final)
     tmp.rename(final)
-    for old in checkpoint_dirs(root)[:-keep_last] if keep_last > 0 else []:
+    for old in checkpoint_dirs(final.parent)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old)
     return final
 
@@ -102,6 +113,12 @@ def load_trainer_state(ckpt: str | Path, optimizer: torch.optim.Optimizer, rank:
     state = json.loads((ckpt / "trainer_state.json").read_text())
     tensors = load_file(ckpt / "optimizer.safetensors")
     optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))
+    restore_rngs(ckpt, state, rank)
+    return state
+
+
+def restore_rngs(ckpt: Path, state: dict, rank: int) -> None:
+    """Set torch's (CPU, CUDA) RNGs of process ``rank``, numpy's and python's from ``ckpt``."""
     rng = load_file(ckpt / "rng.safetensors")
     torch.set_rng_state(rng[f"torch.{rank}"])
     if torch.cuda.is_available() and f"cuda.{rank}" in rng:
@@ -109,7 +126,6 @@ def load_trainer_state(ckpt: str | Path, optimizer: torch.optim.Optimizer, rank:
     name, pos, has_gauss, cached = state["numpy_rng"]
     np.random.set_state((name, rng["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(_python_rng_from_json(state["python_rng"]))
-    return state
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
