@@ -33,12 +33,14 @@ left by a crash in the middle of an append, saying so.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,16 +83,31 @@ def save_checkpoint(
     failed write raises ``CheckpointError`` and leaves every earlier checkpoint as it was.
     """
     root = Path(output_dir)
-    final = root / f"checkpoint-{step:06d}"
-    tmp = root / f".tmp-checkpoint-{step:06d}"
-    try:
+    final, tmp = root / f"checkpoint-{step:06d}", root / f".tmp-checkpoint-{step:06d}"
+    with failed_save_is_one_line(final, tmp):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        _write_checkpoint(tmp, step, policy, processor, optimizer, rank_states, config, save_merged, task)
+        policy.save_pretrained(tmp, safe_serialization=True)
+        if save_merged and hasattr(policy, "merge_and_unload"):
+            _save_merged(policy, tmp / "merged")
+            save_processor(processor, tmp / "merged")
+        save_processor(processor, tmp)
+        tensors, param_groups = _flatten_optimizer(optimizer)
+        save_file(tensors, tmp / "optimizer.safetensors")
+        write_trainer_state(tmp, step, rank_states, param_groups, config, task)
         write_manifest(tmp)
+    return commit(tmp, final, keep_last)
+
+
+@contextlib.contextmanager
+def failed_save_is_one_line(final: Path, tmp: Path) -> Iterator[None]:
+    """A save that fails (no space, no permission) removes ``tmp`` and raises one ``CheckpointError``
+    line saying that the previous checkpoint is intact."""
+    try:
+        yield
     except (OSError, SafetensorError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = [p.name for p in checkpoint_dirs(root)]
+        previous = [p.name for p in checkpoint_dirs(final.parent)]
         kept = (
             f"the previous checkpoint {previous[-1]} is intact"
             if previous
@@ -98,6 +115,9 @@ def save_checkpoint(
         )
         raise CheckpointError(f"could not save {final}: {reason(e)}; {kept}") from e
 
+
+def commit(tmp: Path, final: Path, keep_last: int) -> Path:
+    """Rename a fully written checkpoint (manifest last) into place; prune beyond ``keep_last``."""
     if final.exists():  # re-saving the same step (e.g. the end of a resumed run): swap, then delete
         doomed = _set_aside(final)
         tmp.rename(final)
@@ -107,7 +127,8 @@ def save_checkpoint(
     # Prune only checkpoints at or before this step: higher numbers are from an earlier run of
     # this folder that was resumed from further back (e.g. past a damaged checkpoint), and they
     # are overwritten when the run gets there.
-    older = [p for p in checkpoint_dirs(root) if step_of(p) <= step]
+    step = step_of(final)
+    older = [p for p in checkpoint_dirs(final.parent) if step_of(p) <= step]
     for old in older[:-keep_last] if keep_last > 0 else []:
         _remove(old)
     return final
@@ -130,15 +151,15 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(_set_aside(folder))
 
 
-def _write_checkpoint(tmp: Path, step, policy, processor, optimizer, rank_states, config, save_merged, task):
-    policy.save_pretrained(tmp, safe_serialization=True)
-    if save_merged and hasattr(policy, "merge_and_unload"):
-        _save_merged(policy, tmp / "merged")
-        save_processor(processor, tmp / "merged")
-    save_processor(processor, tmp)
-
-    tensors, param_groups = _flatten_optimizer(optimizer)
-    save_file(tensors, tmp / "optimizer.safetensors")
+def write_trainer_state(
+    tmp: Path,
+    step: int,
+    rank_states: list[dict],
+    param_groups: list,
+    config: Config,
+    task: dict | None = None,
+) -> None:
+    """``rng.safetensors``, ``trainer_state.json``, ``config.yaml`` and ``task.json`` of a checkpoint being written."""
     np_state = np.random.get_state()
     rng = {"numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
     for r, rs in enumerate(rank_states):
@@ -172,7 +193,16 @@ def load_trainer_state(ckpt: str | Path, optimizer: torch.optim.Optimizer, rank:
         current = ckpt / "optimizer.safetensors"
         tensors = load_file(current)
         optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))
-        current = ckpt / "rng.safetensors"
+    except (*LOAD_ERRORS, UnicodeDecodeError, RuntimeError) as e:
+        raise CheckpointError(f"cannot resume from {current}: {reason(e)}") from e
+    restore_rngs(ckpt, state, rank)
+    return state
+
+
+def restore_rngs(ckpt: Path, state: dict, rank: int) -> None:
+    """Set torch's (CPU, CUDA) RNGs of process ``rank``, numpy's and python's from ``ckpt``."""
+    current = ckpt / "rng.safetensors"
+    try:
         rng = load_file(current)
         torch.set_rng_state(rng[f"torch.{rank}"])
         if torch.cuda.is_available() and f"cuda.{rank}" in rng:
@@ -184,7 +214,6 @@ def load_trainer_state(ckpt: str | Path, optimizer: torch.optim.Optimizer, rank:
         int(state["step"]), list(state["data_positions"])
     except (*LOAD_ERRORS, UnicodeDecodeError, RuntimeError) as e:
         raise CheckpointError(f"cannot resume from {current}: {reason(e)}") from e
-    return state
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:

@@ -142,6 +142,12 @@ class TrainConfig:
     """Seed of the data order, the sampling and the weight init of LoRA adapters."""
     device: str = "auto"
     """cpu | cuda | auto (cuda when available)."""
+    strategy: str = "ddp"
+    """How ranks under torchrun hold the model (grpo.distributed): ddp (every rank a full copy of
+    weights, gradients, Adam moments and reference; for models whose 16 B per trainable parameter
+    fit one GPU, and LoRA) | fsdp (FSDP2: weights, gradients, moments and reference sharded over
+    the ranks, each decoder layer and vision block its own unit; for full fine-tuning of the 7B
+    and larger). ``python -m grpo.memory`` says which fits."""
     save_every: int = 100
     """Write a checkpoint every N steps (and always at the end); 0 = only at the end."""
     keep_last: int = 2
@@ -212,6 +218,12 @@ class Config:
         _check(
             self.model.dtype in ("float32", "bfloat16"),
             f"model.dtype: float32 or bfloat16, not {self.model.dtype!r}",
+        )
+        _check(t.strategy in ("ddp", "fsdp"), f"train.strategy: ddp or fsdp, not {t.strategy!r}")
+        _check(
+            not (t.strategy == "fsdp" and self.model.lora_rank > 0),
+            "train.strategy=fsdp with LoRA is not supported: LoRA trains a few million parameters and its "
+            "bf16 base fits every GPU replicated; use train.strategy=ddp (python -m grpo.memory shows the plan)",
         )
         _check(self.eval.method in ("auto", "rating", "anchor"), f"unknown eval.method {self.eval.method!r}")
         _check(0 < self.data.pair_fraction <= 1, "data.pair_fraction must be in (0, 1]")

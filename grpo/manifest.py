@@ -139,7 +139,10 @@ def verify_checkpoint(folder: str | Path, need_trainer_state: bool = False) -> i
         raise CheckpointError(f"checkpoint folder {folder} not found")
     manifest = folder / MANIFEST
     if need_trainer_state:
+        sharded = (folder / "optimizer_shards").is_dir()  # an FSDP checkpoint (grpo.sharded_checkpoint)
         for name in TRAINER_FILES:
+            if sharded and name == "optimizer.safetensors":
+                continue
             if not (folder / name).is_file():
                 raise CheckpointError(f"{folder / name} is missing: the checkpoint is incomplete")
     if not manifest.is_file():
@@ -156,7 +159,9 @@ def verify_checkpoint(folder: str | Path, need_trainer_state: bool = False) -> i
         actual = path.stat().st_size
         if actual != size:
             raise CheckpointError(f"{path} is truncated or altered: {actual} bytes, {MANIFEST} says {size}")
-    names = [n for n in listed if need_trainer_state or n not in RESUME_ONLY]
+    names = [
+        n for n in listed if need_trainer_state or not (n in RESUME_ONLY or n.startswith("optimizer_shards/"))
+    ]
     for name, digest in zip(names, _sha256_all([folder / n for n in names])):
         if digest != listed[name][1]:
             raise CheckpointError(f"{folder / name} is corrupt: its sha256 differs from {MANIFEST}")

@@ -42,11 +42,13 @@ from data.sets import drop_long_prompts
 from grpo.advantages import group_advantages, group_stats
 from grpo.checkpoint import load_trainer_state, resolve_resume, save_checkpoint, trim_logs
 from grpo.config import Config, load_config, save_config
+from grpo.distributed import clip_grad_norm, compute_in_bf16, gathered, is_sharded, prepare, weight_checksum
 from grpo.loss import grpo_loss
 from grpo.manifest import check_model_source, check_same_task, load_errors_as_checkpoint_error, task_record
 from grpo.policy import build_policy, reference_logprobs
 from grpo.rewards import compute_rewards
 from grpo.rollout import RolloutBuffer, buffer_logprobs, encode_samples
+from grpo.sharded_checkpoint import is_sharded_checkpoint, load_sharded_trainer_state, save_sharded_checkpoint
 from models.qwen_vl import completion_logprobs, sample_completions
 from models.soft_head import unwrap
 
@@ -165,8 +167,8 @@ def to_device(batch: dict, device) -> dict:
 
 def autocast(cfg: Config, device: torch.device):
     """bfloat16 compute over float32 master weights (``grpo.policy``): ``model.dtype=bfloat16`` or
-    ``train.bf16``."""
-    on = cfg.train.bf16 or cfg.model.dtype == "bfloat16"
+    ``train.bf16``. Under FSDP the all-gather casts to bf16 instead (``grpo.distributed``)."""
+    on = compute_in_bf16(cfg) and not (cfg.train.strategy == "fsdp" and dist.is_initialized())
     return torch.autocast(device.type, dtype=torch.bfloat16) if on else nullcontext()
 
 
@@ -174,7 +176,7 @@ def autocast(cfg: Config, device: torch.device):
 
 
 def grpo_step(
-    policy, ddp_policy, reference, processor, optimizer, samples, images, rating_values, cfg, device
+    policy, train_model, reference, processor, optimizer, samples, images, rating_values, cfg, device
 ):
     """One GRPO step on B samples; returns the filled rollout buffer and the step's metrics."""
     g, task = cfg.grpo, samples[0].task
@@ -186,8 +188,9 @@ def grpo_step(
     with timed(t, "generate"), autocast(cfg, device):
         inputs = to_device(encode_samples(processor, samples, images, rating_values), device)
         policy.eval()
-        comp = sample_completions(policy, processor, inputs, G, g.max_new_tokens, g.temperature,
-                                  share_prefix=g.share_prefix)  # fmt: skip
+        with gathered(policy):  # FSDP: the whole policy once per rollout, not once per token
+            comp = sample_completions(policy, processor, inputs, G, g.max_new_tokens, g.temperature,
+                                      share_prefix=g.share_prefix)  # fmt: skip
     buf = RolloutBuffer(inputs, G, comp.ids_NT, comp.mask_NT, comp.texts, comp.truncated_N, samples,
                         share_prefix=g.share_prefix)  # fmt: skip
 
@@ -210,7 +213,7 @@ def grpo_step(
     with timed(t, "update"):
         policy.train()
         for _ in range(g.ppo_epochs):
-            stats = update_pass(ddp_policy, optimizer, buf, cfg, device)
+            stats = update_pass(train_model, optimizer, buf, cfg, device)
 
     lengths = buf.mask_NT.sum(dim=1).float()
     metrics = {
@@ -249,9 +252,9 @@ def update_pass(model, optimizer, buf: RolloutBuffer, cfg: Config, device) -> di
             sums[key] += stats[key] * weight
         lo, hi = min(lo, stats["ratio_min"]), max(hi, stats["ratio_max"])
     params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+    grad_norm = clip_grad_norm(params, cfg.train.max_grad_norm)
     optimizer.step()
-    return {**sums, "ratio_min": lo, "ratio_max": hi, "grad_norm": float(grad_norm)}
+    return {**sums, "ratio_min": lo, "ratio_max": hi, "grad_norm": grad_norm}
 
 
 # ----------------------------------------------------------------------------------- the loop
@@ -291,23 +294,29 @@ def train(cfg: Config) -> Path:
     ckpt = resolve_resume(cfg.train.resume, out)
     check_same_task(ckpt, train_set)
     check_model_source(cfg.model.name_or_path)
+    if rank == 0:  # before any weight reaches the device
+        print_memory_plan(cfg, world, device)
+
+    sharded_ckpt = ckpt is not None and is_sharded_checkpoint(ckpt)
+    if ckpt is not None and sharded_ckpt != (cfg.train.strategy == "fsdp" and world > 1):
+        raise CheckpointError(f"{ckpt} was written {'with' if sharded_ckpt else 'without'} FSDP; resume it with "
+                              f"train.strategy={'fsdp' if sharded_ckpt else 'ddp'} and as many processes")  # fmt: skip
 
     torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank (DDP also broadcasts it)
     with load_errors_as_checkpoint_error(str(ckpt or cfg.model.name_or_path)):
-        policy, reference, processor = build_policy(cfg, device, resume_from=ckpt)
+        policy, reference, processor = build_policy(cfg, device, resume_from=None if sharded_ckpt else ckpt)
     drop_prompts_too_long(train_set, eval_groups, processor.tokenizer, cfg.data.max_prompt_tokens)
+    policy, reference, train_model = prepare(cfg, policy, reference, world, device)  # DDP or FSDP
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    ddp_policy = policy
-    if world > 1:
-        ddp_policy = torch.nn.parallel.DistributedDataParallel(
-            policy, device_ids=[device.index] if device.index is not None else None
-        )
 
     start, positions = 0, [0] * world
     torch.manual_seed(cfg.train.seed + rank)  # each rank samples its own completions
     if ckpt is not None:  # restores the optimizer and this rank's RNG streams
-        state = load_trainer_state(ckpt, optimizer, rank)
+        if sharded_ckpt:  # each rank reads its shards of the model and of the optimizer
+            state = load_sharded_trainer_state(ckpt, policy, optimizer, rank)
+        else:
+            state = load_trainer_state(ckpt, optimizer, rank)
         start, positions = state["step"], state["data_positions"]
         if len(positions) != world:
             raise CheckpointError(
@@ -331,7 +340,7 @@ def train(cfg: Config) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
         samples, images = next_batch(stream, train_set.samples, cfg.grpo.prompts_per_step, skipped)
-        buf, metrics = grpo_step(policy, ddp_policy, reference, processor, optimizer, samples, images,
+        buf, metrics = grpo_step(policy, train_model, reference, processor, optimizer, samples, images,
                                  train_set.rating_values, cfg, device)  # fmt: skip
         metrics = average_across_ranks({**metrics, "skipped_images": skipped["bad image"]}, world)
         metrics = {"step": step + 1, "lr": lr, **metrics}
@@ -347,21 +356,34 @@ def train(cfg: Config) -> Path:
         last = step + 1 == cfg.train.steps
         if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
             rank_states = gather_rank_states(policy, stream.position, world)
-            if rank == 0:
+            task = task_record(train_set, cfg.data.rating_field)
+            if is_sharded(policy):  # every rank writes its shards; the last one also as a HF folder
+                save_sharded_checkpoint(out, step + 1, policy, processor, optimizer, rank_states, cfg,
+                                        cfg.train.keep_last, rank, consolidate=last, task=task)  # fmt: skip
+            elif rank == 0:
                 save_checkpoint(out, step + 1, policy, processor, optimizer, rank_states, cfg,
-                                cfg.train.keep_last, cfg.train.save_merged, task_record(train_set, cfg.data.rating_field))  # fmt: skip
+                                cfg.train.keep_last, cfg.train.save_merged, task)  # fmt: skip
     if world > 1:
         dist.barrier()
     return out / f"checkpoint-{cfg.train.steps:06d}"
 
 
+def print_memory_plan(cfg: Config, world: int, device: torch.device) -> None:
+    """``grpo.memory``'s plan of this run on this hardware, before training starts."""
+    from grpo.memory import device_memory, format_plan, plan_for_config
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    plan = plan_for_config(cfg, world, device_memory(device, local), download=True)
+    print(format_plan(plan), file=sys.stderr)
+
+
 def gather_rank_states(policy, position: int, world: int) -> list[dict]:
     """Each rank's data position, RNG states and a weight checksum, collected on every rank.
 
-    The checksums (the float64 sum of every trainable weight) must agree: DDP keeps ranks in sync.
+    The checksums (the float64 sum of every trainable weight) must agree: DDP keeps ranks in sync;
+    under FSDP it is the sum over all shards.
     """
-    checksum = sum(float(p.detach().double().sum()) for p in policy.parameters() if p.requires_grad)
-    mine = {"position": position, "torch": torch.get_rng_state(), "checksum": checksum}
+    mine = {"position": position, "torch": torch.get_rng_state(), "checksum": weight_checksum(policy)}
     if torch.cuda.is_available():
         mine["cuda"] = torch.cuda.get_rng_state()
     if world == 1:
@@ -377,16 +399,17 @@ def run_eval(policy, processor, groups, rating_values, cfg: Config, rank: int, w
     It runs on a forked RNG, so evaluating does not change the training run's random stream.
     """
     report = {}
-    if rank == 0:
-        from eval.evaluate import evaluate
+    with gathered(policy):  # FSDP: every rank gathers, rank 0 alone runs forwards
+        if rank == 0:
+            from eval.evaluate import evaluate
 
-        policy.eval()
-        device = next(policy.parameters()).device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            report = evaluate(unwrap(policy), processor, groups, cfg.data.kind, rating_values, cfg.eval,
-                              cfg.eval.max_new_tokens or cfg.grpo.max_new_tokens, progress=False)  # fmt: skip
-    if world > 1:
-        dist.barrier()
+            policy.eval()
+            device = next(policy.parameters()).device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                report = evaluate(unwrap(policy), processor, groups, cfg.data.kind, rating_values, cfg.eval,
+                                  cfg.eval.max_new_tokens or cfg.grpo.max_new_tokens, progress=False)  # fmt: skip
+        if world > 1:
+            dist.barrier()
     return {f"eval/{k}": v for k, v in flatten(report).items() if isinstance(v, (int, float))}
 
 

@@ -1,0 +1,123 @@
+"""How ranks under ``torchrun`` hold the model: ``train.strategy = ddp | fsdp``.
+
+    torchrun --nproc_per_node=8 -m grpo.train experiments/imagereward.yaml train.strategy=fsdp
+
+Either way every rank samples whole groups of its own prompts, so advantages stay local, and
+the ranks' gradients are averaged before each AdamW step.
+
+- **ddp** (``DistributedDataParallel``): every rank keeps a full copy of the float32 master
+  weights, their gradients (and DDP's bucket copy), both Adam moments and the reference:
+  ``16–20 B`` per trainable parameter. Right for small models and LoRA.
+- **fsdp** (FSDP2, ``torch.distributed.fsdp.fully_shard``): each vision block, the rest of the
+  vision tower, each decoder layer, the token embeddings and the LM head are one unit each; a
+  unit's parameters are float32 shards (the master weights), gathered just before the unit runs
+  and freed after. Gradients are reduce-scattered in float32 after every minibatch (so no rank
+  ever holds a full gradient; gradient accumulation without communication would), AdamW steps the
+  shards: ``16 B / W`` per trainable parameter on each of W ranks. The frozen reference is
+  sharded the same way, in ``model.dtype``, with no optimizer state. With ``model.dtype=bfloat16``
+  the units compute in bf16 through FSDP's ``MixedPrecisionPolicy(param_dtype=bfloat16,
+  reduce_dtype=float32)``: the all-gather casts the shards, so no autocast runs under FSDP.
+
+Sampling under FSDP (``gathered``): ``generate`` runs one forward per new token and the ranks'
+completions end at different lengths, so gathering per layer and per token would all-gather the
+model T times and deadlock ranks that stop early. Instead the whole policy is gathered once per
+rollout and freed after it: the cost is one full copy of the policy in compute precision on every
+rank during sampling (2 B × 8.3B ≈ 15.4 GiB for the 7B in bf16) on top of the shards;
+``python -m grpo.memory`` counts it in the rollout phase. Evaluation gathers the same way.
+
+Under FSDP: activation checkpointing works (the layers recompute inside their unit); β = 0 works
+(no reference is built); LoRA is refused in ``grpo.config``: its trainable state is small and the
+bf16 base fits every GPU replicated, so DDP is the strategy for it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from grpo.config import Config
+from models.soft_head import unwrap
+
+
+def compute_in_bf16(cfg: Config) -> bool:
+    """bf16 compute over float32 masters: ``model.dtype=bfloat16`` or ``train.bf16``."""
+    return cfg.train.bf16 or cfg.model.dtype == "bfloat16"
+
+
+def shard(model: torch.nn.Module, bf16: bool) -> FSDPModule:
+    """Apply FSDP2 to a Qwen2.5-VL model: one unit per vision block and decoder layer, then the rest.
+
+    Units are built bottom up (``fully_shard`` of the whole model last), so each parameter
+    belongs to the innermost unit that holds it.
+    """
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    hf = unwrap(model)
+    units = [*hf.model.visual.blocks, hf.model.visual, *hf.model.language_model.layers,
+             hf.model.language_model.embed_tokens, hf.lm_head]  # fmt: skip
+    for unit in units:
+        fully_shard(unit, mp_policy=mp)
+    return fully_shard(model, mp_policy=mp)
+
+
+def prepare(cfg: Config, policy, reference, world: int, device: torch.device):
+    """``(policy, reference, train_model)`` for this strategy; ``train_model`` runs the update pass."""
+    if world == 1:
+        return policy, reference, policy
+    if cfg.train.strategy == "ddp":
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            policy, device_ids=[device.index] if device.index is not None else None
+        )
+        return policy, reference, ddp
+    bf16 = compute_in_bf16(cfg)
+    policy = shard(policy, bf16)
+    if reference is not None:
+        reference = shard(reference, bf16)
+    return policy, reference, policy
+
+
+def is_sharded(model) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def gathered(model):
+    """Gather a sharded model's parameters once for everything inside (sampling, evaluation).
+
+    Inside, forwards run on the full parameters without any collective, so ranks may run different
+    numbers of forwards; outside, every unit is sharded again. A no-op for unsharded models.
+    """
+    if not is_sharded(model):
+        yield
+        return
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    model.set_reshard_after_forward(False)  # recursive: no unit frees its parameters inside
+    try:
+        yield
+    finally:
+        for unit in units:
+            if unit is not model:  # FSDP keeps the root unit gathered between forward and backward
+                unit.set_reshard_after_forward(True, recurse=False)
+            unit.reshard()
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """``clip_grad_norm_`` over plain or sharded (DTensor) gradients; the global norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def weight_checksum(policy) -> float:
+    """The float64 sum of every trainable weight (of the whole model when sharded: ranks agree)."""
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in policy.parameters() if p.requires_grad]
+    total = torch.tensor(sum(float(p.detach().double().sum()) for p in local), dtype=torch.float64)
+    if is_sharded(policy):
+        dist.all_reduce(total)
+    return float(total)

@@ -1,0 +1,112 @@
+"""Sharded checkpoints of FSDP runs (``train.strategy=fsdp``): every rank writes its own shards.
+
+A sharded ``checkpoint-000300/`` holds
+
+| file / folder        | what |
+|----------------------|------|
+| model_shards/        | the float32 master weights, one safetensors file per rank (its shards, with their offsets in the header) |
+| optimizer_shards/    | AdamW's moments and step, the same way, ``{param}.{exp_avg,exp_avg_sq,step}`` |
+| rng.safetensors, trainer_state.json, config.yaml | as in ``grpo.checkpoint`` (``sharded: true``, the world size) |
+| config.json, processor files | the model's config and the processor, so ``grpo.export`` needs nothing else |
+| model.safetensors …  | the last checkpoint of a run only: the consolidated Hugging Face weights (``grpo.export``) |
+| task.json, manifest.json | as in ``grpo.checkpoint``: the rating scale, and every file's size and sha256, written last |
+
+Shards go through ``torch.distributed.checkpoint`` with its safetensors storage
+(``HuggingFaceStorageWriter``): safetensors only, nothing pickled. The folder is written under a
+temporary name; rank 0 renames it into place only after every rank has written its shards and
+DCP has finished the save (a barrier), so a partially written checkpoint is never taken for a
+complete one. Resume needs the same number of ranks (``data_positions`` are per rank); the
+shards themselves would reshard to any number.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from grpo.checkpoint import commit, failed_save_is_one_line, restore_rngs, write_trainer_state
+from grpo.config import Config
+from grpo.manifest import write_manifest
+from models.qwen_vl import save_processor
+from models.soft_head import unwrap
+
+MODEL_SHARDS, OPTIMIZER_SHARDS = "model_shards", "optimizer_shards"
+
+
+def is_sharded_checkpoint(ckpt: str | Path) -> bool:
+    return (Path(ckpt) / MODEL_SHARDS).is_dir()
+
+
+def _flat_optimizer_state(optim_sd: dict) -> dict[str, torch.Tensor]:
+    """``{"state": {fqn: {key: tensor}}}`` → ``{"fqn.key": tensor}`` (the sharded moments stay DTensors)."""
+    return {f"{fqn}.{key}": t for fqn, per in optim_sd["state"].items() for key, t in per.items()}
+
+
+def _nested_optimizer_state(flat: dict[str, torch.Tensor]) -> dict:
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in flat.items():
+        fqn, key = name.rsplit(".", 1)
+        state.setdefault(fqn, {})[key] = t
+    return state
+
+
+def save_sharded_checkpoint(
+    output_dir: str | Path, step: int, policy, processor, optimizer: torch.optim.Optimizer,
+    rank_states: list[dict], config: Config, keep_last: int, rank: int, consolidate: bool = False,
+    task: dict | None = None,
+) -> Path:  # fmt: skip
+    """Write ``checkpoint-{step:06d}`` from every rank (a collective: all ranks call it)."""
+    root = Path(output_dir)
+    final, tmp = root / f"checkpoint-{step:06d}", root / f".tmp-checkpoint-{step:06d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    dcp.save(
+        model_sd, storage_writer=HuggingFaceStorageWriter(str(tmp / MODEL_SHARDS), save_distributed=True)
+    )
+    dcp.save(
+        _flat_optimizer_state(optim_sd),
+        storage_writer=HuggingFaceStorageWriter(str(tmp / OPTIMIZER_SHARDS), save_distributed=True),
+    )
+    dist.barrier()  # every rank's shards are on disk
+    if rank == 0:
+        with failed_save_is_one_line(final, tmp):
+            hf = unwrap(policy)
+            hf.config.save_pretrained(tmp)
+            hf.generation_config.save_pretrained(tmp)
+            save_processor(processor, tmp)
+            write_trainer_state(tmp, step, rank_states, optim_sd["param_groups"], config, task)
+            state = json.loads((tmp / "trainer_state.json").read_text())
+            state.update(sharded=True, world=len(rank_states))
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            if consolidate:
+                from grpo.export import consolidate_weights
+
+                consolidate_weights(tmp, tmp)
+            write_manifest(tmp)  # last: a folder without it is not a complete checkpoint
+        commit(tmp, final, keep_last)
+    dist.barrier()  # nobody moves on (or resumes) before the folder is in place
+    return final
+
+
+def load_sharded_trainer_state(ckpt: str | Path, policy, optimizer: torch.optim.Optimizer, rank: int) -> dict:
+    """Read this rank's shards of the model and the optimizer from ``ckpt`` and its RNG states."""
+    ckpt = Path(ckpt)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    model_sd, optim_sd = get_state_dict(policy, optimizer)  # initialises AdamW's state (lr 0, no change)
+    dcp.load(model_sd, storage_reader=HuggingFaceStorageReader(str(ckpt / MODEL_SHARDS)))
+    flat = _flat_optimizer_state(optim_sd)
+    dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(ckpt / OPTIMIZER_SHARDS)))
+    optim_sd = {"state": _nested_optimizer_state(flat), "param_groups": state["param_groups"]}
+    set_state_dict(policy, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    restore_rngs(ckpt, state, rank)
+    return state

@@ -1,0 +1,134 @@
+"""FSDP2 under torchrun with 2 gloo ranks on CPU (issue 12): same weights as DDP, exact resume from
+sharded checkpoints, and a consolidated folder that plain transformers, eval.evaluate and eval.rank load."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import solid
+from safetensors.torch import load_file
+
+from grpo.config import ConfigError, load_config
+
+pytestmark = pytest.mark.slow
+
+
+def torchrun(out: Path, *overrides: str, model, data) -> subprocess.CompletedProcess:
+    args = [
+        f"model.name_or_path={model}", f"data.root={data}", f"train.output_dir={out}", "model.dtype=float32",
+        "train.device=cpu", "train.steps=3", "train.lr=1e-3", "train.warmup_steps=1", "grpo.group_size=4",
+        "grpo.prompts_per_step=2", "grpo.max_new_tokens=24", "grpo.minibatch_size=4", "grpo.kl_coef=0.04",
+        "eval.every=0",
+    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "grpo.train",
+           "experiments/tiny.yaml", *args, *overrides]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(cold_tiny_dir, synthetic_ir, tmp_path_factory):
+    """DDP and FSDP, 3 steps each from the same seed; FSDP with a sharded checkpoint every step."""
+    root = tmp_path_factory.mktemp("fsdp")
+    kw = dict(model=cold_tiny_dir, data=synthetic_ir)
+    torchrun(root / "ddp", "train.strategy=ddp", "train.save_every=0", **kw)
+    fsdp = torchrun(root / "fsdp", "train.strategy=fsdp", "train.save_every=1", "train.keep_last=3", **kw)
+    return root, fsdp
+
+
+def test_fsdp_matches_ddp_after_three_steps(runs, cold_tiny_dir):
+    root, proc = runs
+    assert "memory plan: fsdp on 2" in proc.stderr, "grpo.train prints the plan at start"
+    ddp = load_file(root / "ddp" / "checkpoint-000003" / "model.safetensors")
+    fsdp = load_file(root / "fsdp" / "checkpoint-000003" / "model.safetensors")  # consolidated at the end
+    start = load_file(Path(cold_tiny_dir) / "model.safetensors")
+    assert set(ddp) == set(fsdp)
+    moved = max(float((ddp[k] - start[k]).abs().max()) for k in ddp)
+    assert moved > 1e-3, f"3 steps at lr 1e-3 must move the weights (moved {moved:.2e})"
+    for k in ddp:
+        torch.testing.assert_close(fsdp[k], ddp[k], rtol=0, atol=1e-5, msg=k)
+    ddp_rows = (root / "ddp" / "metrics.jsonl").read_text().splitlines()
+    fsdp_rows = (root / "fsdp" / "metrics.jsonl").read_text().splitlines()
+    for a, b in zip(ddp_rows, fsdp_rows, strict=True):
+        a, b = json.loads(a), json.loads(b)
+        assert a["reward_mean"] == b["reward_mean"], "same samples on both strategies"
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+
+
+def test_sharded_checkpoints_and_bitwise_resume(runs, cold_tiny_dir, synthetic_ir):
+    root, _ = runs
+    ckpts = sorted(p.name for p in (root / "fsdp").iterdir() if p.name.startswith("checkpoint-"))
+    assert ckpts == ["checkpoint-000001", "checkpoint-000002", "checkpoint-000003"]
+    mid = root / "fsdp" / "checkpoint-000001"
+    shards = sorted(p.name for p in (mid / "model_shards").iterdir())
+    assert len(shards) == 2, f"each rank writes its own shard file: {shards}"
+    assert not (mid / "model.safetensors").exists(), "only the last checkpoint is consolidated"
+    state = json.loads((mid / "trainer_state.json").read_text())
+    assert state["sharded"] and state["world"] == 2 and len(set(state["weight_checksums"])) == 1
+    assert not list((root / "fsdp").glob(".tmp-*")), "no temporary folder left behind"
+
+    # stop after step 1: a fresh run folder with only that checkpoint and its log, resumed to step 3
+    resumed = root / "resumed"
+    resumed.mkdir()
+    shutil.copytree(mid, resumed / mid.name)
+    lines = (root / "fsdp" / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (resumed / "metrics.jsonl").write_text(lines[0])
+    torchrun(resumed, "train.strategy=fsdp", "train.save_every=1", "train.keep_last=3", "train.resume=auto",
+             model=cold_tiny_dir, data=synthetic_ir)  # fmt: skip
+    a = load_file(root / "fsdp" / "checkpoint-000003" / "model.safetensors")
+    b = load_file(resumed / "checkpoint-000003" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed FSDP run differs from the uninterrupted one"
+
+    def strip(line):
+        return {
+            k: v for k, v in json.loads(line).items() if not k.startswith("time/") and k != "tokens_per_s"
+        }
+
+    again = (resumed / "metrics.jsonl").read_text().splitlines()
+    assert [strip(x) for x in again] == [strip(x) for x in lines]
+
+
+def test_export_of_a_sharded_checkpoint_loads_and_scores(runs, synthetic_ir, tmp_path, capsys):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from eval.evaluate import main as evaluate_main
+    from eval.rank import main as rank_main
+    from grpo.export import main as export_main
+
+    root, _ = runs
+    ckpt, out = root / "fsdp" / "checkpoint-000002", tmp_path / "exported"
+    export_main([str(ckpt), str(out)])
+    plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        out, use_safetensors=True
+    )  # plain transformers
+    step3 = load_file(root / "fsdp" / "checkpoint-000003" / "model.safetensors")
+    exported = load_file(out / "model.safetensors")  # the file's names (save_pretrained's), as step3's
+    torch.testing.assert_close(plain.lm_head.weight, exported["lm_head.weight"], rtol=0, atol=0)
+    diffs = [k for k in step3 if not torch.equal(exported[k], step3[k])]
+    assert diffs, "step 2's weights are not step 3's"
+    # one AdamW step at lr 1e-3 moves each weight by at most ~lr
+    assert max(float((exported[k] - step3[k]).abs().max()) for k in step3) < 3e-3
+
+    for colour in ("red", "green"):
+        solid(colour).save(tmp_path / f"{colour}.png")
+    rank_main(["--model", str(out), "--prompt", "a red circle", str(tmp_path / "red.png"),
+               str(tmp_path / "green.png"), "--max-new-tokens", "8"])  # fmt: skip
+    assert "red.png" in capsys.readouterr().out
+    evaluate_main(["experiments/tiny.yaml", f"model.name_or_path={out}", f"data.root={synthetic_ir}",
+                   "eval.max_groups=2", "eval.max_new_tokens=8", "--out", str(tmp_path / "ev"), "--no-progress"])  # fmt: skip
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["n_groups"] == 2
+
+
+def test_lora_under_fsdp_is_refused_with_a_reason():
+    with pytest.raises(ConfigError, match="use train.strategy=ddp"):
+        load_config("experiments/tiny.yaml", ["train.strategy=fsdp", "model.lora_rank=8"])
