@@ -40,7 +40,15 @@ from data.prompts import answer_values
 from grpo.advantages import group_advantages, group_stats
 from grpo.checkpoint import load_trainer_state, resolve_resume, save_checkpoint
 from grpo.config import Config, ConfigError, load_config, save_config
-from grpo.distributed import clip_grad_norm, compute_in_bf16, gathered, is_sharded, prepare, weight_checksum
+from grpo.distributed import (
+    check_supported,
+    clip_grad_norm,
+    compute_in_bf16,
+    gathered,
+    is_sharded,
+    prepare,
+    weight_checksum,
+)
 from grpo.loss import grpo_loss
 from grpo.policy import build_policy, reference_logprobs
 from grpo.rewards import compute_rewards
@@ -285,6 +293,7 @@ def average_across_ranks(metrics: dict, world: int) -> dict:
 def train(cfg: Config) -> Path:
     """Run GRPO as configured; return the folder of the final checkpoint."""
     rank, world, device = setup_distributed(cfg.train.device)
+    check_supported(cfg, world)
     out = Path(cfg.train.output_dir)
     train_set = read_train_set(cfg)
     eval_groups = read_eval_groups(cfg) if cfg.eval.every else []

@@ -15,7 +15,7 @@ import torch
 from conftest import solid
 from safetensors.torch import load_file
 
-from grpo.config import ConfigError, load_config
+from grpo.config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -130,8 +130,12 @@ def test_export_of_a_sharded_checkpoint_loads_and_scores(runs, synthetic_ir, tmp
 
 
 def test_lora_under_fsdp_is_refused_with_a_reason():
-    with pytest.raises(ConfigError, match="use train.strategy=ddp"):
-        load_config("experiments/tiny.yaml", ["train.strategy=fsdp", "model.lora_rank=8"])
+    from grpo.distributed import check_supported
+
+    cfg = load_config("experiments/tiny.yaml", ["train.strategy=fsdp", "model.lora_rank=8"])
+    with pytest.raises(SystemExit, match="use train.strategy=ddp"):
+        check_supported(cfg, world=2)
+    check_supported(cfg, world=1)  # one process never shards: LoRA runs as usual
 
 
 @pytest.mark.parametrize(
