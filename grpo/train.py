@@ -10,7 +10,9 @@ One step, in the order of the paper (arXiv 2503.19948 §2.2, after DeepSeekMath'
 6. log, evaluate, checkpoint.
 
 Under ``torchrun`` every rank samples whole groups of its own prompts (so advantages stay
-local) and DDP averages the gradients, so every rank holds the same weights.
+local) and the gradients are averaged across ranks: DDP keeps a full copy of everything on every
+rank, FSDP2 shards weights, gradients, optimizer state and reference (``train.strategy``,
+``grpo.distributed``). ``grpo.memory``'s plan of the run is printed before the model is loaded.
 
 Deviations from the paper, on purpose: the KL term uses the k3 estimator by default
 (``grpo.loss``); the group std is the unbiased one (``grpo.advantages``); log-probs of a
