@@ -220,11 +220,6 @@ class Config:
             f"model.dtype: float32 or bfloat16, not {self.model.dtype!r}",
         )
         _check(t.strategy in ("ddp", "fsdp"), f"train.strategy: ddp or fsdp, not {t.strategy!r}")
-        _check(
-            not (t.strategy == "fsdp" and self.model.lora_rank > 0),
-            "train.strategy=fsdp with LoRA is not supported: LoRA trains a few million parameters and its "
-            "bf16 base fits every GPU replicated; use train.strategy=ddp (python -m grpo.memory shows the plan)",
-        )
         _check(self.eval.method in ("auto", "rating", "anchor"), f"unknown eval.method {self.eval.method!r}")
         _check(0 < self.data.pair_fraction <= 1, "data.pair_fraction must be in (0, 1]")
         _check(

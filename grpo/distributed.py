@@ -26,8 +26,8 @@ rank during sampling (2 B × 8.3B ≈ 15.4 GiB for the 7B in bf16) on top of the
 ``python -m grpo.memory`` counts it in the rollout phase. Evaluation gathers the same way.
 
 Under FSDP: activation checkpointing works (the layers recompute inside their unit); β = 0 works
-(no reference is built); LoRA is refused in ``grpo.config``: its trainable state is small and the
-bf16 base fits every GPU replicated, so DDP is the strategy for it.
+(no reference is built); LoRA is refused (``check_supported``): its trainable state is small and
+the bf16 base fits every GPU replicated, so DDP is the strategy for it.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from grpo.config import Config
+from grpo.config import Config, ConfigError
 from models.soft_head import unwrap
 
 
@@ -61,6 +61,15 @@ def shard(model: torch.nn.Module, bf16: bool) -> FSDPModule:
     for unit in units:
         fully_shard(unit, mp_policy=mp)
     return fully_shard(model, mp_policy=mp)
+
+
+def check_supported(cfg: Config, world: int) -> None:
+    """Refuse, before any model is loaded, what FSDP does not run here (one process never shards)."""
+    if world > 1 and cfg.train.strategy == "fsdp" and cfg.model.lora_rank > 0:
+        raise ConfigError(
+            "train.strategy=fsdp with LoRA is not supported: LoRA trains a few million parameters and its "
+            "bf16 base fits every GPU replicated; use train.strategy=ddp (python -m grpo.memory shows the plan)"
+        )
 
 
 def prepare(cfg: Config, policy, reference, world: int, device: torch.device):

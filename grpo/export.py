@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+from data.errors import CheckpointError, user_errors_exit
+from grpo.manifest import check_model_source, load_errors_as_checkpoint_error
+
 
 def consolidate_weights(ckpt: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write the full weights of the sharded ``ckpt`` to ``out`` as a Hugging Face model folder."""
@@ -54,7 +57,7 @@ def export(ckpt: str | Path, out: str | Path, dtype: torch.dtype | None = None) 
 
     ckpt, out = Path(ckpt), Path(out)
     if not (ckpt / "config.json").is_file():
-        raise SystemExit(f"{ckpt}: no config.json; expected a checkpoint folder of grpo.train")
+        raise CheckpointError(f"{ckpt}: no config.json; expected a checkpoint folder of grpo.train")
     out.mkdir(parents=True, exist_ok=True)
     if is_sharded_checkpoint(ckpt):
         consolidate_weights(ckpt, out, dtype)
@@ -75,7 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype of the written weights (default float32: the master weights, exact)")  # fmt: skip
     args = parser.parse_args(argv)
-    out = export(args.checkpoint, args.out, getattr(torch, args.dtype))
+    with user_errors_exit():
+        check_model_source(args.checkpoint)
+        with load_errors_as_checkpoint_error(args.checkpoint):
+            out = export(args.checkpoint, args.out, getattr(torch, args.dtype))
     print(f"wrote {out}")
 
 

@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from data.errors import user_errors_exit
 from grpo.config import LANGUAGE_LORA_TARGET, VISION_LORA_TARGET, Config, ConfigError, load_config
 
 GiB = 1024**3
@@ -96,7 +97,7 @@ def read_model_config(name_or_path: str, download: bool = False):
         try:  # a hub id already in the local cache is fine; a download only when asked
             return AutoConfig.from_pretrained(name_or_path, local_files_only=not download)
         except OSError:
-            raise SystemExit(
+            raise ConfigError(
                 f"model.name_or_path={name_or_path}: no config.json there and none cached; pass a local "
                 "checkpoint folder or its config.json (the plan never downloads)"
             ) from None
@@ -167,7 +168,7 @@ def plan(
 ) -> dict:  # fmt: skip
     """The per-rank memory plan (bytes) of ``cfg`` on ``gpus`` devices of ``gpu_memory`` bytes each."""
     m, g = cfg.model, cfg.grpo
-    fsdp = cfg.train.strategy == "fsdp"
+    fsdp = cfg.train.strategy == "fsdp" and gpus > 1  # one process runs unsharded either way
     S = gpus if fsdp else 1
     bf16 = m.dtype == "bfloat16" or cfg.train.bf16
     c = 2 if bf16 else 4  # compute bytes
@@ -228,7 +229,7 @@ def plan(
     total = sum(resident.values()) + phases[peak_phase]
     usable = (1 - RESERVE) * gpu_memory
     return {
-        "strategy": cfg.train.strategy,
+        "strategy": cfg.train.strategy if gpus > 1 else "single process",
         "gpus": gpus,
         "gpu_memory_bytes": int(gpu_memory),
         "usable_bytes": int(usable),
@@ -268,8 +269,11 @@ def knobs(cfg: Config, shape: ModelShape, gpus: int, gpu_memory: float, **kw) ->
             continue
         changed = copy.deepcopy(cfg)
         setattr(getattr(changed, section), name, value)
+        item = f"{section}.{name}={str(value).lower() if isinstance(value, bool) else value}"
+        if name == "lora_rank" and cfg.train.strategy == "fsdp":  # LoRA runs under DDP (grpo.distributed)
+            changed.train.strategy, item = "ddp", f"{item} train.strategy=ddp"
         if plan(changed, shape, gpus, gpu_memory, **kw)["fits"]:
-            found.append(f"{section}.{name}={str(value).lower() if isinstance(value, bool) else value}")
+            found.append(item)
     return found
 
 
@@ -293,8 +297,16 @@ def format_plan(p: dict) -> str:
         f"  per rank: {p['per_rank_bytes'] / GiB:.2f} GiB at the {p['peak_phase']} phase, "
         f"usable {p['usable_bytes'] / GiB:.2f} GiB: " + ("fits" if p["fits"] else "DOES NOT FIT"),
     ]
-    if not p["fits"]:
-        lines.append("  turn one of: " + (", ".join(p.get("knobs", [])) or "more GPUs (train.strategy=fsdp)"))
+    if not p["fits"] and p.get("knobs"):
+        lines.append("  turn one of: " + ", ".join(p["knobs"]))
+    elif not p["fits"] and tr["gathered_policy"] > p["usable_bytes"] / 2:
+        lines.append(f"  no single knob is enough: sampling gathers the whole policy ({tr['gathered_policy'] / GiB:.1f} "
+                     "GiB) on every rank, so more GPUs do not help; this model needs layer-wise sampling or a "
+                     "separate inference engine (not implemented)")  # fmt: skip
+    elif not p["fits"]:
+        lines.append(
+            "  no single knob is enough: more GPUs with train.strategy=fsdp, or several knobs at once"
+        )
     return "\n".join(lines)
 
 
@@ -332,14 +344,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        parser.exit(2, f"error: {e}\n")
     if args.gpus < 1 or args.gpu_memory <= 0:
         parser.exit(2, "error: --gpus must be ≥ 1 and --gpu-memory > 0\n")
-    p = plan_for_config(cfg, args.gpus, args.gpu_memory * GiB, prompt_tokens=args.prompt_tokens,
-                        image_tokens=args.image_tokens)  # fmt: skip
+    with user_errors_exit():
+        cfg = load_config(args.config, args.overrides)
+        p = plan_for_config(cfg, args.gpus, args.gpu_memory * GiB, prompt_tokens=args.prompt_tokens,
+                            image_tokens=args.image_tokens)  # fmt: skip
     print(json.dumps(p, indent=1) if args.json else format_plan(p))
 
 

@@ -10,7 +10,9 @@ One step, in the order of the paper (arXiv 2503.19948 §2.2, after DeepSeekMath'
 6. log, evaluate, checkpoint.
 
 Under ``torchrun`` every rank samples whole groups of its own prompts (so advantages stay
-local) and DDP averages the gradients, so every rank holds the same weights.
+local) and the gradients are averaged across ranks: DDP keeps a full copy of everything on every
+rank, FSDP2 shards weights, gradients, optimizer state and reference (``train.strategy``,
+``grpo.distributed``). ``grpo.memory``'s plan of the run is printed before the model is loaded.
 
 Deviations from the paper, on purpose: the KL term uses the k3 estimator by default
 (``grpo.loss``); the group std is the unbiased one (``grpo.advantages``); log-probs of a
@@ -42,7 +44,15 @@ from data.sets import drop_long_prompts
 from grpo.advantages import group_advantages, group_stats
 from grpo.checkpoint import load_trainer_state, resolve_resume, save_checkpoint, trim_logs
 from grpo.config import Config, load_config, save_config
-from grpo.distributed import clip_grad_norm, compute_in_bf16, gathered, is_sharded, prepare, weight_checksum
+from grpo.distributed import (
+    check_supported,
+    clip_grad_norm,
+    compute_in_bf16,
+    gathered,
+    is_sharded,
+    prepare,
+    weight_checksum,
+)
 from grpo.loss import grpo_loss
 from grpo.manifest import check_model_source, check_same_task, load_errors_as_checkpoint_error, task_record
 from grpo.policy import build_policy, reference_logprobs
@@ -288,6 +298,7 @@ def average_across_ranks(metrics: dict, world: int) -> dict:
 def train(cfg: Config) -> Path:
     """Run GRPO as configured; return the folder of the final checkpoint."""
     rank, world, device = setup_distributed(cfg.train.device)
+    check_supported(cfg, world)
     out = Path(cfg.train.output_dir)
     train_set = read_train_set(cfg)
     eval_groups = read_eval_groups(cfg) if cfg.eval.every else []

@@ -15,7 +15,7 @@ import torch
 from conftest import solid
 from safetensors.torch import load_file
 
-from grpo.config import ConfigError, load_config
+from grpo.config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -130,5 +130,36 @@ def test_export_of_a_sharded_checkpoint_loads_and_scores(runs, synthetic_ir, tmp
 
 
 def test_lora_under_fsdp_is_refused_with_a_reason():
-    with pytest.raises(ConfigError, match="use train.strategy=ddp"):
-        load_config("experiments/tiny.yaml", ["train.strategy=fsdp", "model.lora_rank=8"])
+    from grpo.distributed import check_supported
+
+    cfg = load_config("experiments/tiny.yaml", ["train.strategy=fsdp", "model.lora_rank=8"])
+    with pytest.raises(SystemExit, match="use train.strategy=ddp"):
+        check_supported(cfg, world=2)
+    check_supported(cfg, world=1)  # one process never shards: LoRA runs as usual
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [("model.dtype=bfloat16", "model.freeze_vision=true", "model.gradient_checkpointing=true"),
+     ("grpo.kl_coef=0",)],
+    ids=["shipped-bf16-frozen-vision-checkpointing", "beta-0"],
+)  # fmt: skip
+def test_fsdp_options_train(overrides, cold_tiny_dir, synthetic_ir, tmp_path):
+    """The shipped 7B setting under FSDP: bf16 compute by MixedPrecisionPolicy over float32 masters,
+    a bf16 frozen vision tower in its own units, activation checkpointing inside the units; and β = 0."""
+    out = tmp_path / "run"
+    torchrun(out, "train.strategy=fsdp", "train.steps=2", "train.save_every=0", *overrides,
+             model=cold_tiny_dir, data=synthetic_ir)  # fmt: skip
+    start = load_file(Path(cold_tiny_dir) / "model.safetensors")
+    after = load_file(out / "checkpoint-000002" / "model.safetensors")
+    assert after["lm_head.weight"].dtype == torch.float32, "the master weights stay float32"
+    changed = {k for k in start if not torch.equal(start[k], after[k])}
+    assert any("layers" in k for k in changed), "the language model trained"
+    if "model.freeze_vision=true" in overrides:
+        # stored in bf16 while frozen (model.dtype): equal to the start rounded to bf16
+        visual = [k for k in start if "visual" in k]
+        assert all(torch.equal(after[k].bfloat16(), start[k].bfloat16()) for k in visual), (
+            "vision tower moved"
+        )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"] for r in rows), "no NaN"
