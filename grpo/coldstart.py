@@ -111,7 +111,7 @@ def format_targets(samples, images, rating_values, answers: str, taste: Taste | 
 
 def cold_start(model_dir: str, train_set, out_dir: str, steps: int = 150, batch_size: int = 16,
                lr: float = 1e-3, seed: int = 0, progress: bool = True, answers: str = "taste",
-               taste_seed: int = 0) -> Path:  # fmt: skip
+               taste_seed: int = 0, pair_set=None) -> Path:  # fmt: skip
     """Supervised steps on format targets; saves a loadable model folder to ``out_dir``, with
     ``cold_start.json`` (the settings, the steps run and the answer token's loss per step).
 
@@ -119,9 +119,16 @@ def cold_start(model_dir: str, train_set, out_dir: str, steps: int = 150, batch_
     The answer token's loss per step is recorded: once it falls clearly below ``answer_entropy``
     (the loss of a model that knows how often each answer comes but not which image gets which),
     the answers depend on the image.
+
+    ``pair_set`` (HPDv2-format pairs beside an ImageReward-format ``train_set``): a **mixed**
+    cold start. Every batch takes half its samples from each set, and one taste answers both: a
+    rating for one image, and for a pair the image it rates higher. The pair answers alone do
+    not make the tiny model look at the images (see ``MIXED``); the rating half does.
     """
     if answers not in ANSWER_MODES:
         raise ValueError(f"answers must be one of {ANSWER_MODES}, got {answers!r}")
+    if pair_set is not None and not train_set.rating_values:
+        raise ValueError("a mixed cold start takes the ratings set as train_set and the pairs as pair_set")
     taste = Taste.draw(train_set.rating_values or PAIR_TASTE_SCALE, taste_seed)
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -132,12 +139,15 @@ def cold_start(model_dir: str, train_set, out_dir: str, steps: int = 150, batch_
     answer_at = len(tok.encode(f"<think>{THOUGHT}</think><answer>", add_special_tokens=False))
     answer_nll: list[float] = []
     answer_counts: Counter = Counter()
+    pair_nll: list[float] = []  # mixed: the answer loss of the pair half alone (against pair_counts)
+    pair_counts: Counter = Counter()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    samples = train_set.samples
+    pools = [train_set.samples] + ([pair_set.samples] if pair_set is not None else [])
     bar = tqdm(range(steps), desc=f"cold start (format, {answers} answers)", disable=not progress)
     for step in bar:
         batch, images = [], []
         while len(batch) < batch_size:
+            samples = pools[len(batch) * len(pools) // batch_size]  # equal shares of each set
             sample = samples[rng.randrange(len(samples))]
             try:
                 images.append([ref.load() for ref in sample.images])
@@ -162,14 +172,19 @@ def cold_start(model_dir: str, train_set, out_dir: str, steps: int = 150, batch_
         optimizer.step()
         answer_nll.append(round(-logp[:, answer_at].mean().item(), 4))
         answer_counts.update(ids[:, answer_at].tolist())
+        if pair_set is not None:  # the pairs are the second half of the batch
+            pair_nll.append(round(-logp[batch_size // 2 :, answer_at].mean().item(), 4))
+            pair_counts.update(ids[batch_size // 2 :, answer_at].tolist())
         bar.set_postfix(nll=f"{loss.item():.3f}", answer_nll=f"{answer_nll[-1]:.3f}",
                         answer_entropy=f"{entropy(answer_counts):.3f}")  # fmt: skip
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
     save_processor(processor, out)
     record = {"answers": answers, "taste_seed": taste_seed, "taste_by_hue_sector": taste.ratings,
-              "steps": steps, "batch_size": batch_size, "lr": lr, "answer_entropy": round(entropy(answer_counts), 4),
-              "answer_nll": answer_nll}  # fmt: skip
+              "mixed": pair_set is not None, "steps": steps, "batch_size": batch_size, "lr": lr,
+              "answer_entropy": round(entropy(answer_counts), 4), "answer_nll": answer_nll}  # fmt: skip
+    if pair_set is not None:
+        record |= {"pair_answer_entropy": round(entropy(pair_counts), 4), "pair_answer_nll": pair_nll}
     (out / "cold_start.json").write_text(json.dumps(record) + "\n")
     return out
 
