@@ -188,7 +188,7 @@ def pairwise(args, st: Stages, out: Path, tiny: Path, ir_train, cold: dict) -> d
         "trained": figures(trained_hp, "hpsv2_accuracy", pair_accuracy=pair_accuracy(trained_dir, quality)),
         "ceiling": ceiling(hp_root, quality),
         "test": {"prompts": trained_hp["n_groups"], "images": trained_hp["n_images"]},
-        "cold_start": {"mixed": True, "steps": cold["steps"], **sees},
+        "cold_start": {"mixed": True, "steps": cold["steps"], "pair_flip": cold["pair_flip"], **sees},
         "grpo_steps": args.pair_steps,
         "kept_step": best,
     }
@@ -207,7 +207,7 @@ def stretch(args, st: Stages, out: Path, cold: dict) -> dict:
     st.start("stretch_eval_zero_shot", "stretch: zero-shot evaluation (test split, k = 3)")
     zero = run_eval(cold_dir, "imagereward", root, work / "eval-zero-shot", "zero-shot", args)
     st.start("stretch_grpo", f"stretch: GRPO ({args.stretch_steps} steps)")
-    final, _ = grpo_run("tiny.yaml", cold_dir, root, work / "grpo", args.stretch_steps, args)
+    final, kept = grpo_run("tiny.yaml", cold_dir, root, work / "grpo", args.stretch_steps, args)
     st.start("stretch_eval_trained", "stretch: trained model evaluation (test split, k = 3)")
     trained = run_eval(final, "imagereward", root, work / "eval-trained", "GRPO", args)
     st.stop()
@@ -218,6 +218,7 @@ def stretch(args, st: Stages, out: Path, cold: dict) -> dict:
         "zero_shot": figures(zero, "imagereward_accuracy"),
         "trained": figures(trained, "imagereward_accuracy"),
         "grpo_steps": args.stretch_steps,
+        "kept_step": kept,
         "cold_start": cold_sees_images(cold_dir),
     }
 
@@ -290,16 +291,19 @@ def grpo_run(config: str, model_dir: Path, data_root: Path, out: Path, steps: in
 def best_checkpoint(run: Path, acc_key: str) -> tuple[Path, int]:
     """The checkpoint of the evaluation with the best held-out accuracy (ties: the later step)."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    evals = [(r[acc_key], r["step"]) for r in rows if r.get(acc_key) is not None]
-    acc, step = max(evals)
-    print(f"held-out soft accuracy by step: {dict((s, round(a, 3)) for a, s in evals)}; keeping step {step}")
+    evals = [(r[acc_key], r["step"], r["eval/soft_spread"]) for r in rows if r.get(acc_key) is not None]
+    for acc, step, spread in evals:
+        print(f"  step {step:4d}: held-out soft accuracy {acc:.3f}, soft spread {spread:.3f}")
+    acc, step, _ = max(evals)
+    print(f"keeping the model of step {step} (held-out soft accuracy {acc:.3f})")
     return run / f"checkpoint-{step:06d}", step
 
 
-def plot_curves(runs: dict[str, tuple[Path, str]], path: Path) -> None:
+def plot_curves(runs: dict[str, tuple[Path, str, int]], path: Path) -> None:
     """Reward per step (and its moving average) and held-out soft accuracy, one panel per run.
 
-    ``runs`` maps a title to (run folder, the ``metrics.jsonl`` key of its held-out accuracy).
+    ``runs`` maps a title to (run folder, the ``metrics.jsonl`` key of its held-out accuracy, the
+    step of the kept model, marked by a dotted line).
     """
     import matplotlib
 
@@ -307,7 +311,7 @@ def plot_curves(runs: dict[str, tuple[Path, str]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
-    for ax, (title, (run, acc_key)) in zip(axes[0], runs.items()):
+    for ax, (title, (run, acc_key, kept)) in zip(axes[0], runs.items()):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         steps = [r["step"] for r in rows]
         reward = torch.tensor([r["reward_mean"] for r in rows])
@@ -316,6 +320,7 @@ def plot_curves(runs: dict[str, tuple[Path, str]], path: Path) -> None:
         ax.plot(steps, reward, color="0.8", lw=0.8, label="reward (per step)")
         ax.plot(steps[w - 1 :], smooth, color="C0", label=f"reward ({w}-step mean)")
         ax.set(xlabel="GRPO step", ylabel="mean reward", title=title)
+        ax.axvline(kept, color="0.4", ls=":", label=f"kept model (step {kept})")
         ax.legend(loc="upper left")
         evals = [(r["step"], r[acc_key]) for r in rows if r.get(acc_key) is not None]
         if evals:
@@ -385,8 +390,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="cold-start answers: a random taste (default) or uniformly random")  # fmt: skip
     ap.add_argument("--taste-seed", type=int, default=0, help="seed of the cold start's random taste")
     ap.add_argument("--steps", type=int, default=400, help="GRPO steps on ImageReward-format data")
-    ap.add_argument("--pair-cold-steps", type=int, default=500,
+    ap.add_argument("--pair-cold-steps", type=int, default=250,
                     help="steps of the pairwise run's mixed cold start (ratings and pairs)")  # fmt: skip
+    ap.add_argument("--pair-flip", type=float, default=0.25,
+                    help="mixed cold start: probability that a pair's taste answer is flipped")  # fmt: skip
     ap.add_argument("--pair-steps", type=int, default=200, help="GRPO steps on HPDv2-format pairs")
     ap.add_argument(
         "--eval-every", type=int, default=50, help="held-out evaluation during GRPO every N steps"
@@ -452,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         final_ir, "imagereward", ir_root, out / "eval" / "imagereward-trained", "GRPO", args
     )
 
-    hpsv2 = pairwise(args, st, out, tiny, ir_train, {**cold, "steps": args.pair_cold_steps})
+    hpsv2 = pairwise(
+        args, st, out, tiny, ir_train, {**cold, "steps": args.pair_cold_steps, "pair_flip": args.pair_flip}
+    )
     st.stop()
     main_seconds = st.total
     stretch_report = stretch(args, st, out, cold) if args.stretch else None
@@ -494,13 +503,14 @@ def main(argv: list[str] | None = None) -> int:
     report["targets_met"] = check_targets(report)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     curves = {
-        "GRPO, ImageReward-format ratings": (out / "grpo-imagereward", "eval/metrics/soft@1/imagereward_accuracy"),
-        "GRPO, HPDv2-format pairs": (out / "grpo-hpdv2", "eval/metrics/soft@1/hpsv2_accuracy"),
+        "GRPO, ImageReward-format ratings": (out / "grpo-imagereward", ACC_KEY["imagereward"], best_ir),
+        "GRPO, HPDv2-format pairs": (out / "grpo-hpdv2", ACC_KEY["hpdv2"], hpsv2["kept_step"]),
     }  # fmt: skip
     if stretch_report:
         curves["stretch: prompt-conditioned, small preset"] = (
             out / "stretch" / "grpo",
-            "eval/metrics/soft@1/imagereward_accuracy",
+            ACC_KEY["imagereward"],
+            stretch_report["kept_step"],
         )
     plot_curves(curves, out / "reward_curve.png")
 

@@ -97,12 +97,15 @@ def entropy(counts: Counter) -> float:
 
 
 def format_targets(samples, images, rating_values, answers: str, taste: Taste | None,
-                   rng: random.Random) -> list[str]:  # fmt: skip
-    """One well-formed completion per sample; its answer comes from the taste or uniformly at random."""
+                   rng: random.Random, pair_flip: float = 0.0) -> list[str]:  # fmt: skip
+    """One well-formed completion per sample; its answer comes from the taste (a pair's answer
+    flipped with probability ``pair_flip``) or uniformly at random."""
     out = []
     for sample, ims in zip(samples, images, strict=True):
         if answers == "taste":
             answer = taste.answer(sample.task, ims, rng)
+            if sample.task == "pair" and rng.random() < pair_flip:
+                answer = 1 - answer
         else:
             answer = rng.choice(answer_values(sample.task, rating_values or ()))
         out.append(f"<think>{THOUGHT}</think><answer>{answer}</answer>")
@@ -111,7 +114,7 @@ def format_targets(samples, images, rating_values, answers: str, taste: Taste | 
 
 def cold_start(model_dir: str, train_set, out_dir: str, steps: int = 150, batch_size: int = 16,
                lr: float = 1e-3, seed: int = 0, progress: bool = True, answers: str = "taste",
-               taste_seed: int = 0, pair_set=None) -> Path:  # fmt: skip
+               taste_seed: int = 0, pair_set=None, pair_flip: float = 0.0) -> Path:  # fmt: skip
     """Supervised steps on format targets; saves a loadable model folder to ``out_dir``, with
     ``cold_start.json`` (the settings, the steps run and the answer token's loss per step).
 
@@ -124,6 +127,8 @@ def cold_start(model_dir: str, train_set, out_dir: str, steps: int = 150, batch_
     cold start. Every batch takes half its samples from each set, and one taste answers both: a
     rating for one image, and for a pair the image it rates higher. The pair answers alone do
     not make the tiny model look at the images (see ``MIXED``); the rating half does.
+    ``pair_flip``: the probability that a pair's answer is flipped, so the model holds its taste
+    with about 1 − ``pair_flip`` confidence and GRPO's groups keep sampling both answers.
     """
     if answers not in ANSWER_MODES:
         raise ValueError(f"answers must be one of {ANSWER_MODES}, got {answers!r}")
@@ -155,7 +160,7 @@ def cold_start(model_dir: str, train_set, out_dir: str, steps: int = 150, batch_
                 continue
             batch.append(sample)
         inputs = encode_samples(processor, batch, images, train_set.rating_values)
-        targets = format_targets(batch, images, train_set.rating_values, answers, taste, rng)
+        targets = format_targets(batch, images, train_set.rating_values, answers, taste, rng, pair_flip)
         rows = [tok.encode(t, add_special_tokens=False) + [eos] for t in targets]
         T = max(map(len, rows))
         ids = torch.full((batch_size, T), tok.pad_token_id)
@@ -181,7 +186,7 @@ def cold_start(model_dir: str, train_set, out_dir: str, steps: int = 150, batch_
     model.save_pretrained(out, safe_serialization=True)
     save_processor(processor, out)
     record = {"answers": answers, "taste_seed": taste_seed, "taste_by_hue_sector": taste.ratings,
-              "mixed": pair_set is not None, "steps": steps, "batch_size": batch_size, "lr": lr,
+              "mixed": pair_set is not None, "pair_flip": pair_flip, "steps": steps, "batch_size": batch_size, "lr": lr,
               "answer_entropy": round(entropy(answer_counts), 4), "answer_nll": answer_nll}  # fmt: skip
     if pair_set is not None:
         record |= {"pair_answer_entropy": round(entropy(pair_counts), 4), "pair_answer_nll": pair_nll}
