@@ -19,15 +19,21 @@ documents the hidden ground truth). Stages, in order:
    rating) scores, Mean@1 and Mean@3, under the ImageReward protocol (model ties count as wrong);
 4. GRPO on the training split (``experiments/tiny.yaml``), evaluating on the validation split
    during training to log accuracy and the spread of soft scores (a collapse to one rating shows
-   as a spread near 0);
-5. evaluate the trained model as in 3 and print a table shaped like the paper's Table 2;
-6. the pairwise setting: cold start, a short GRPO run on HPDv2-format pairs
-   (``experiments/tiny_hpsv2.yaml``) and anchor-based soft ranking under the HPSv2 protocol.
+   as a spread near 0); the model of the evaluation with the best validation accuracy is kept;
+5. evaluate the trained model as in 3;
+6. the pairwise setting: a *mixed* cold start (half the batch the taste's ratings of single
+   images, half its answers on HPDv2-format pairs, a quarter of those flipped), the zero-shot
+   anchor-based ranking under the HPSv2 protocol, GRPO on the pairs
+   (``experiments/tiny_hpsv2.yaml``: β = 0.04, cosine schedule) with held-out evaluation on a
+   second synthetic HPDv2 folder of the same preference, the best model kept, and its ranking;
+7. print a table shaped like the paper's Tables 1–2 for both tasks, with the anchor protocol's
+   ceiling (every test image scored by its hidden quality).
 
 Writes ``OUT/report.json`` (``imagereward.{zero_shot,trained}.{hard,soft,hard_mean3,soft_mean3}``,
-``hpsv2.{zero_shot,trained}.{hard,soft}``, the targets and whether each was met,
-``wall_seconds``, per-stage seconds), ``OUT/reward_curve.png``, ``OUT/summary.md`` and every
-stage's own folder (models, data, runs with ``metrics.jsonl``, evaluation reports).
+``hpsv2.{zero_shot,trained}.{hard,soft,soft_mean3,pair_accuracy}``, ``hpsv2.ceiling``, each
+run's ``kept_step``, the targets and whether each was met, ``wall_seconds``, per-stage seconds),
+``OUT/reward_curve.png``, ``OUT/summary.md`` and every stage's own folder (models, data, runs
+with ``metrics.jsonl``, evaluation reports).
 """
 
 from __future__ import annotations
