@@ -6,7 +6,8 @@ with half the data, 60 rating steps and 50 pairwise steps (after the demo's own 
 start), and the test asserts what those steps do on the demo's seed: the mean reward of the rating
 run rises by a clear margin, its test soft accuracy gains at least 0.15 over the cold-started model
 (measured 0.474 → 0.825), and the pairwise run's anchor soft accuracy (HPSv2 protocol) gains at
-least 0.15 too (measured 0.396 → 0.726). CPU time about 275 s (measured 2026-11-30). It also checks the report, table and plot have the documented shape.
+least 0.15 too (measured 0.396 → 0.726; 275 s of CPU time, 2026-11-30). It also checks the
+report, table and plot have the documented shape.
 """
 
 from __future__ import annotations
