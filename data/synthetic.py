@@ -156,7 +156,7 @@ def _prepare(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _write_manifest(out: Path, kind: str, task: str, seed: int, size: int, counts: dict) -> dict:
+def _write_manifest(out: Path, kind: str, task: str, seed: int, size: int, counts: dict, **extra) -> dict:
     manifest = {
         "kind": kind,
         "task": task,
@@ -166,6 +166,7 @@ def _write_manifest(out: Path, kind: str, task: str, seed: int, size: int, count
         "label_noise": LABEL_NOISE,
         "counts": counts,
         "quality": "see data/synthetic.py",
+        **extra,
     }
     (out / "synthetic.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -260,13 +261,24 @@ def write_imagereward(
 
 
 def write_hpdv2(
-    out: str | Path, prompts: int = 64, seed: int = 0, task: str = "colour", size: int = 64
+    out: str | Path,
+    prompts: int = 64,
+    seed: int = 0,
+    task: str = "colour",
+    size: int = 64,
+    draw_seed: int | None = None,
 ) -> dict:
-    """Write an HPDv2-layout folder (train.json, test.json, train/, test/); returns the manifest."""
+    """Write an HPDv2-layout folder (train.json, test.json, train/, test/); returns the manifest.
+
+    ``draw_seed`` (default ``seed``) draws the images and labels while ``seed`` keeps the hidden
+    quality: a second folder with another ``draw_seed`` is a held-out set of the same preference
+    (HPDv2 has no validation split). The manifest's ``test_quality`` holds the hidden quality of
+    every test image, in ``test.json``'s order (the ceiling of a judge, for the demo).
+    """
     assert task in TASKS, f"task must be one of {TASKS}, got {task!r}"
     out = Path(out)
     _prepare(out)
-    rng, mapping = np.random.default_rng([seed, 3]), colour_mapping(seed)
+    rng, mapping = np.random.default_rng([seed if draw_seed is None else draw_seed, 3]), colour_mapping(seed)
     (out / "train").mkdir()
     (out / "test").mkdir()
     train, n_img = [], 0
@@ -287,10 +299,11 @@ def write_hpdv2(
             train.append(
                 {"prompt": prompt, key: paths, "human_preference": [1, 0] if first_better else [0, 1]}
             )
-    test, n_test = [], max(8, prompts // 4)
+    test, n_test, test_quality = [], max(8, prompts // 4), []
     for _ in range(n_test):
         prompt, colour, shape = _new_prompt(rng)
         specs = [_new_image(rng, task, colour, shape, mapping) for _ in range(9)]
+        test_quality.append([s["quality"] for s in specs])
         paths = []
         for spec in specs:
             paths.append(f"{n_img:05d}.png")
@@ -312,7 +325,9 @@ def write_hpdv2(
         "train": {"prompts": prompts, "pairs": len(train)},
         "test": {"prompts": n_test, "images": 9 * n_test},
     }
-    return _write_manifest(out, "hpdv2", task, seed, size, counts)
+    return _write_manifest(
+        out, "hpdv2", task, seed, size, counts, draw_seed=draw_seed, test_quality=test_quality
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

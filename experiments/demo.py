@@ -19,15 +19,21 @@ documents the hidden ground truth). Stages, in order:
    rating) scores, Mean@1 and Mean@3, under the ImageReward protocol (model ties count as wrong);
 4. GRPO on the training split (``experiments/tiny.yaml``), evaluating on the validation split
    during training to log accuracy and the spread of soft scores (a collapse to one rating shows
-   as a spread near 0);
-5. evaluate the trained model as in 3 and print a table shaped like the paper's Table 2;
-6. the pairwise setting: cold start, a short GRPO run on HPDv2-format pairs
-   (``experiments/tiny_hpsv2.yaml``) and anchor-based soft ranking under the HPSv2 protocol.
+   as a spread near 0); the model of the evaluation with the best validation accuracy is kept;
+5. evaluate the trained model as in 3;
+6. the pairwise setting: a *mixed* cold start (half the batch the taste's ratings of single
+   images, half its answers on HPDv2-format pairs, a quarter of those flipped), the zero-shot
+   anchor-based ranking under the HPSv2 protocol, GRPO on the pairs
+   (``experiments/tiny_hpsv2.yaml``: β = 0.04, cosine schedule) with held-out evaluation on a
+   second synthetic HPDv2 folder of the same preference, the best model kept, and its ranking;
+7. print a table shaped like the paper's Tables 1–2 for both tasks, with the anchor protocol's
+   ceiling (every test image scored by its hidden quality).
 
 Writes ``OUT/report.json`` (``imagereward.{zero_shot,trained}.{hard,soft,hard_mean3,soft_mean3}``,
-``hpsv2.{zero_shot,trained}.{hard,soft}``, the targets and whether each was met,
-``wall_seconds``, per-stage seconds), ``OUT/reward_curve.png``, ``OUT/summary.md`` and every
-stage's own folder (models, data, runs with ``metrics.jsonl``, evaluation reports).
+``hpsv2.{zero_shot,trained}.{hard,soft,soft_mean3,pair_accuracy}``, ``hpsv2.ceiling``, each
+run's ``kept_step``, the targets and whether each was met, ``wall_seconds``, per-stage seconds),
+``OUT/reward_curve.png``, ``OUT/summary.md`` and every stage's own folder (models, data, runs
+with ``metrics.jsonl``, evaluation reports).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from data.imagereward import read_eval as read_ir_eval  # noqa: E402
 from data.imagereward import read_train as read_ir_train  # noqa: E402
 from data.synthetic import COLOURS, colour_mapping, write_hpdv2, write_imagereward  # noqa: E402
 from eval.evaluate import evaluate  # noqa: E402
+from eval.metrics import hpsv2_accuracy  # noqa: E402
 from grpo.coldstart import ANSWER_MODES, Taste, cold_start  # noqa: E402
 from grpo.config import EvalConfig, load_config  # noqa: E402
 from grpo.train import train  # noqa: E402
@@ -59,13 +66,32 @@ from models.qwen_vl import load_policy  # noqa: E402
 from models.tiny import build_tiny  # noqa: E402
 
 EXPERIMENTS = Path(__file__).resolve().parent
-RUN_DIRS = ("cold-imagereward", "cold-hpdv2", "grpo-imagereward", "grpo-hpdv2", "eval", "stretch")
+RUN_DIRS = (
+    "cold-imagereward",
+    "cold-hpdv2",
+    "cold-mixed",
+    "grpo-imagereward",
+    "grpo-hpdv2",
+    "eval",
+    "stretch",
+)
 # The bar the demo must clear (issue 6), on the ImageReward protocol, test split.
 TARGETS = {
     "trained_soft_min": 0.80,
     "soft_gain_min": 0.15,  # trained soft − zero-shot soft
     "hard_gain_min": 0.15,  # trained hard − zero-shot hard
     "wall_seconds_max": 15 * 60,
+}
+# The pairwise run's bar (issue 14), on the HPSv2 protocol (anchor ranking), test split.
+PAIR_TARGETS = {
+    "pair_accuracy_min": 0.90,  # p(1) > 0.5 against the hidden order, test pairs of unequal quality
+    "trained_soft_min": 0.75,
+    "soft_gain_min": 0.15,
+}
+HELD_OUT_DRAW = 1000  # draw_seed of the pairwise run's held-out folder: seed + 1000, the same preference
+ACC_KEY = {  # the metrics.jsonl key of each run's held-out accuracy (Mean@1 soft scores)
+    "imagereward": "eval/metrics/soft@1/imagereward_accuracy",
+    "hpdv2": "eval/metrics/soft@1/hpsv2_accuracy",
 }
 
 
@@ -125,7 +151,53 @@ def cold_sees_images(model_dir: Path) -> dict:
     if record["answers"] == "taste" and last > 0.9 * record["answer_entropy"]:
         print("WARNING: the cold-started model's answers barely depend on the image yet; GRPO will "
               "likely find only the best constant rating. Try more --cold-steps.", file=sys.stderr)  # fmt: skip
-    return {"answer_nll_last10": round(last, 4), "answer_entropy": record["answer_entropy"]}
+    seen = {"answer_nll_last10": round(last, 4), "answer_entropy": record["answer_entropy"]}
+    if record.get("mixed"):  # the pair half on its own: its answer loss against ln 2-ish
+        pair = sum(record["pair_answer_nll"][-10:]) / len(record["pair_answer_nll"][-10:])
+        print(f"  pairs alone: answer loss {pair:.3f}, {record['pair_answer_entropy']:.3f} for answers that "
+              f"ignore the images")  # fmt: skip
+        seen |= {
+            "pair_answer_nll_last10": round(pair, 4),
+            "pair_answer_entropy": record["pair_answer_entropy"],
+        }
+    return seen
+
+
+def pairwise(args, st: Stages, out: Path, tiny: Path, ir_train, cold: dict) -> dict:
+    """The pairwise setting: a mixed cold start, GRPO on HPDv2-format pairs and anchor-based
+    ranking under the HPSv2 protocol; returns the report's ``hpsv2`` part.
+
+    The cold start mixes the taste's ratings of single images with its answers on pairs: on pairs
+    alone the tiny model's answer does not come to depend on the images (``grpo.coldstart.MIXED``).
+    """
+    hp_root, held_out = out / "data" / "hpdv2", out / "data" / "hpdv2-held-out"
+    st.start(
+        "cold_start_mixed", f"pairwise setting: mixed cold start, ratings and pairs ({cold['steps']} steps)"
+    )
+    cold_hp = cold_start(str(tiny), ir_train, str(out / "cold-mixed"), pair_set=read_hpdv2_train(hp_root, 1.0),
+                         **cold)  # fmt: skip
+    sees = cold_sees_images(cold_hp)
+    quality = hidden_quality(hp_root)
+    st.start("eval_zero_shot_hpdv2", "zero-shot anchor-based ranking (HPDv2 test, k = 3)")
+    zero_dir = out / "eval" / "hpdv2-zero-shot"
+    zero_hp = run_eval(cold_hp, "hpdv2", hp_root, zero_dir, "zero-shot", args)
+    st.start("grpo_hpdv2", f"GRPO on HPDv2-format pairs ({args.pair_steps} steps)")
+    final_hp, best = grpo_run("tiny_hpsv2.yaml", cold_hp, hp_root, out / "grpo-hpdv2", args.pair_steps, args,
+                              held_out=held_out)  # fmt: skip
+    st.start("eval_trained_hpdv2", "trained anchor-based ranking (HPDv2 test, k = 3)")
+    trained_dir = out / "eval" / "hpdv2-trained"
+    trained_hp = run_eval(final_hp, "hpdv2", hp_root, trained_dir, "GRPO", args)
+    return {
+        "protocol": "hpsv2_accuracy",
+        "method": "anchor",
+        "zero_shot": figures(zero_hp, "hpsv2_accuracy", pair_accuracy=pair_accuracy(zero_dir, quality)),
+        "trained": figures(trained_hp, "hpsv2_accuracy", pair_accuracy=pair_accuracy(trained_dir, quality)),
+        "ceiling": ceiling(hp_root, quality),
+        "test": {"prompts": trained_hp["n_groups"], "images": trained_hp["n_images"]},
+        "cold_start": {"mixed": True, "steps": cold["steps"], "pair_flip": cold["pair_flip"], **sees},
+        "grpo_steps": args.pair_steps,
+        "kept_step": best,
+    }
 
 
 def stretch(args, st: Stages, out: Path, cold: dict) -> dict:
@@ -141,7 +213,7 @@ def stretch(args, st: Stages, out: Path, cold: dict) -> dict:
     st.start("stretch_eval_zero_shot", "stretch: zero-shot evaluation (test split, k = 3)")
     zero = run_eval(cold_dir, "imagereward", root, work / "eval-zero-shot", "zero-shot", args)
     st.start("stretch_grpo", f"stretch: GRPO ({args.stretch_steps} steps)")
-    final = grpo_run("tiny.yaml", cold_dir, root, work / "grpo", args.stretch_steps, args)
+    final, kept = grpo_run("tiny.yaml", cold_dir, root, work / "grpo", args.stretch_steps, args)
     st.start("stretch_eval_trained", "stretch: trained model evaluation (test split, k = 3)")
     trained = run_eval(final, "imagereward", root, work / "eval-trained", "GRPO", args)
     st.stop()
@@ -152,14 +224,16 @@ def stretch(args, st: Stages, out: Path, cold: dict) -> dict:
         "zero_shot": figures(zero, "imagereward_accuracy"),
         "trained": figures(trained, "imagereward_accuracy"),
         "grpo_steps": args.stretch_steps,
+        "kept_step": kept,
         "cold_start": cold_sees_images(cold_dir),
     }
 
 
-def figures(report: dict, protocol: str) -> dict:
+def figures(report: dict, protocol: str, **extra) -> dict:
     """hard / soft (Mean@1) and hard_mean3 / soft_mean3 under one protocol."""
     m = report["metrics"]
     return {
+        **extra,
         "hard": m["hard@1"][protocol],
         "soft": m["soft@1"][protocol],
         "hard_mean3": m["hard@3"][protocol],
@@ -169,21 +243,73 @@ def figures(report: dict, protocol: str) -> dict:
     }
 
 
-def grpo_run(config: str, model_dir: Path, data_root: Path, out: Path, steps: int, args) -> Path:
+def hidden_quality(root: Path) -> dict[str, int]:
+    """The hidden quality of every synthetic HPDv2 test image, by file name (``synthetic.json``)."""
+    manifest, test = (json.loads((root / name).read_text()) for name in ("synthetic.json", "test.json"))
+    return {Path(p).name: q for row, qs in zip(test, manifest["test_quality"], strict=True)
+            for p, q in zip(row["image_path"], qs, strict=True)}  # fmt: skip
+
+
+def pair_accuracy(eval_dir: Path, quality: dict[str, int]) -> float:
+    """How often the judge's p(j ≻ anchor) (Mean@1 soft) is above 0.5 exactly when image j's hidden
+    quality is above the anchor's, over the anchor comparisons of unequal quality."""
+    right = total = 0
+    for line in (eval_dir / "predictions.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        q = [quality[Path(p).name] for p in row["images"]]
+        a = row["anchor"]
+        for j, p_j in enumerate(row["scores"]["soft@1"]):
+            if j != a and q[j] != q[a]:
+                right += (p_j > 0.5) == (q[j] > q[a])
+                total += 1
+    return right / total
+
+
+def ceiling(root: Path, quality: dict[str, int]) -> float:
+    """The HPSv2 protocol's accuracy when every test image is scored by its hidden quality."""
+    test = json.loads((root / "test.json").read_text())
+    scores = [[quality[Path(p).name] for p in row["image_path"]] for row in test]
+    return hpsv2_accuracy([row["rank"] for row in test], scores)
+
+
+def grpo_run(config: str, model_dir: Path, data_root: Path, out: Path, steps: int, args,
+             held_out: Path | None = None) -> tuple[Path, int]:  # fmt: skip
     """GRPO with an experiment file; held-out evaluation every ``--eval-every`` steps logs the
-    accuracy and the spread of soft scores (ImageReward: the validation split, so test stays unseen)."""
+    accuracy and the spread of soft scores (ImageReward: the validation split; HPDv2, which has
+    none: ``held_out``, a second synthetic folder of the same preference), so test stays unseen.
+
+    A checkpoint is kept at every evaluation, and the one with the best held-out soft accuracy is
+    returned with its step: late in a run GRPO can drift into a collapse (issue 14 measured a pairwise
+    run fall from 0.85 to 0.47), and the stopping rule keeps the model from before it.
+    """
     overrides = [f"model.name_or_path={model_dir}", f"data.root={data_root}", f"train.output_dir={out}",
-                 f"train.steps={steps}", f"train.seed={args.seed}", f"eval.every={args.eval_every}"]  # fmt: skip
+                 f"train.steps={steps}", f"train.seed={args.seed}", f"eval.every={args.eval_every}",
+                 f"train.save_every={args.eval_every}", f"train.keep_last={steps // args.eval_every + 1}"]  # fmt: skip
     cfg = load_config(str(EXPERIMENTS / config), overrides)
     if cfg.data.kind == "imagereward":
         cfg.eval.root, cfg.eval.split = str(data_root), "validation"
-    return train(cfg)
+    else:
+        cfg.eval.root = str(held_out)
+    train(cfg)
+    return best_checkpoint(out, ACC_KEY[cfg.data.kind])
 
 
-def plot_curves(runs: dict[str, tuple[Path, str]], path: Path) -> None:
+def best_checkpoint(run: Path, acc_key: str) -> tuple[Path, int]:
+    """The checkpoint of the evaluation with the best held-out accuracy (ties: the later step)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r[acc_key], r["step"], r["eval/soft_spread"]) for r in rows if r.get(acc_key) is not None]
+    for acc, step, spread in evals:
+        print(f"  step {step:4d}: held-out soft accuracy {acc:.3f}, soft spread {spread:.3f}")
+    acc, step, _ = max(evals)
+    print(f"keeping the model of step {step} (held-out soft accuracy {acc:.3f})")
+    return run / f"checkpoint-{step:06d}", step
+
+
+def plot_curves(runs: dict[str, tuple[Path, str, int]], path: Path) -> None:
     """Reward per step (and its moving average) and held-out soft accuracy, one panel per run.
 
-    ``runs`` maps a title to (run folder, the ``metrics.jsonl`` key of its held-out accuracy).
+    ``runs`` maps a title to (run folder, the ``metrics.jsonl`` key of its held-out accuracy, the
+    step of the kept model, marked by a dotted line).
     """
     import matplotlib
 
@@ -191,7 +317,7 @@ def plot_curves(runs: dict[str, tuple[Path, str]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
-    for ax, (title, (run, acc_key)) in zip(axes[0], runs.items()):
+    for ax, (title, (run, acc_key, kept)) in zip(axes[0], runs.items()):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         steps = [r["step"] for r in rows]
         reward = torch.tensor([r["reward_mean"] for r in rows])
@@ -200,6 +326,7 @@ def plot_curves(runs: dict[str, tuple[Path, str]], path: Path) -> None:
         ax.plot(steps, reward, color="0.8", lw=0.8, label="reward (per step)")
         ax.plot(steps[w - 1 :], smooth, color="C0", label=f"reward ({w}-step mean)")
         ax.set(xlabel="GRPO step", ylabel="mean reward", title=title)
+        ax.axvline(kept, color="0.4", ls=":", label=f"kept model (step {kept})")
         ax.legend(loc="upper left")
         evals = [(r["step"], r[acc_key]) for r in rows if r.get(acc_key) is not None]
         if evals:
@@ -213,26 +340,38 @@ def plot_curves(runs: dict[str, tuple[Path, str]], path: Path) -> None:
 
 
 def table2(report: dict) -> str:
-    """The paper's Table 2 shape: zero-shot vs trained, hard vs soft (ImageReward protocol, %)."""
+    """The paper's Table 1/2 shape: zero-shot vs trained, hard vs soft, Mean@1 and Mean@3, both
+    tasks (%), and the HPSv2 protocol's ceiling on this synthetic test set."""
     ir, hp = report["imagereward"], report["hpsv2"]
 
     def pct(x):
         return f"{100 * x:.1f}"
 
     lines = [
-        "| model | ImageReward hard | ImageReward soft | soft Mean@3 | HPSv2 hard | HPSv2 soft |",
-        "|---|---|---|---|---|---|",
+        "| model | ImageReward hard | ImageReward soft | soft Mean@3 | HPSv2 hard | HPSv2 soft | soft Mean@3 "
+        "| pair accuracy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, key in (("zero-shot (cold start)", "zero_shot"), ("GRPO-trained", "trained")):
-        lines.append(f"| {name} | {pct(ir[key]['hard'])} | {pct(ir[key]['soft'])} | {pct(ir[key]['soft_mean3'])} "
-                     f"| {pct(hp[key]['hard'])} | {pct(hp[key]['soft'])} |")  # fmt: skip
+        i, h = ir[key], hp[key]
+        lines.append(f"| {name} | {pct(i['hard'])} | {pct(i['soft'])} | {pct(i['soft_mean3'])} | {pct(h['hard'])} "
+                     f"| {pct(h['soft'])} | {pct(h['soft_mean3'])} | {pct(h['pair_accuracy'])} |")  # fmt: skip
+    lines.append(f"| hidden quality (ceiling) | | | | | {pct(hp['ceiling'])} | | 100.0 |")
     return "\n".join(lines)
 
 
 def check_targets(report: dict) -> dict:
-    ir = report["imagereward"]
+    ir, hp = report["imagereward"], report["hpsv2"]
     z, t = ir["zero_shot"], ir["trained"]
+    pz, pt = hp["zero_shot"], hp["trained"]
     return {
+        f"pairs: trained pair accuracy >= {PAIR_TARGETS['pair_accuracy_min']}": pt["pair_accuracy"]
+        >= PAIR_TARGETS["pair_accuracy_min"],
+        f"pairs: trained soft >= {PAIR_TARGETS['trained_soft_min']}": pt["soft"]
+        >= PAIR_TARGETS["trained_soft_min"],
+        f"pairs: soft gain >= {PAIR_TARGETS['soft_gain_min']}": pt["soft"] - pz["soft"]
+        >= PAIR_TARGETS["soft_gain_min"],
+        "pairs: trained soft >= trained hard": pt["soft"] >= pt["hard"],
         f"trained soft >= {TARGETS['trained_soft_min']}": t["soft"] >= TARGETS["trained_soft_min"],
         f"soft gain >= {TARGETS['soft_gain_min']}": t["soft"] - z["soft"] >= TARGETS["soft_gain_min"],
         f"hard gain >= {TARGETS['hard_gain_min']}": t["hard"] - z["hard"] >= TARGETS["hard_gain_min"],
@@ -257,7 +396,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="cold-start answers: a random taste (default) or uniformly random")  # fmt: skip
     ap.add_argument("--taste-seed", type=int, default=0, help="seed of the cold start's random taste")
     ap.add_argument("--steps", type=int, default=400, help="GRPO steps on ImageReward-format data")
-    ap.add_argument("--pair-steps", type=int, default=150, help="GRPO steps on HPDv2-format pairs")
+    ap.add_argument("--pair-cold-steps", type=int, default=250,
+                    help="steps of the pairwise run's mixed cold start (ratings and pairs)")  # fmt: skip
+    ap.add_argument("--pair-flip", type=float, default=0.25,
+                    help="mixed cold start: probability that a pair's taste answer is flipped")  # fmt: skip
+    ap.add_argument("--pair-steps", type=int, default=200, help="GRPO steps on HPDv2-format pairs")
     ap.add_argument(
         "--eval-every", type=int, default=50, help="held-out evaluation during GRPO every N steps"
     )
@@ -283,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     ir_root, hp_root = out / "data" / "imagereward", out / "data" / "hpdv2"
     write_imagereward(ir_root, prompts=args.prompts, seed=args.seed)
     write_hpdv2(hp_root, prompts=args.prompts, seed=args.seed)
+    write_hpdv2(
+        out / "data" / "hpdv2-held-out", prompts=64, seed=args.seed, draw_seed=HELD_OUT_DRAW + args.seed
+    )
     mapping = colour_mapping(args.seed)
     print(f"hidden ground truth (seed {args.seed}): the drawn colour sets the rating, {mapping}")
 
@@ -312,21 +458,16 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     st.start("grpo_imagereward", f"GRPO on the ImageReward-format training split ({args.steps} steps)")
-    final_ir = grpo_run("tiny.yaml", cold_ir, ir_root, out / "grpo-imagereward", args.steps, args)
+    final_ir, best_ir = grpo_run("tiny.yaml", cold_ir, ir_root, out / "grpo-imagereward", args.steps, args)
 
     st.start("eval_trained_imagereward", "trained model evaluation (ImageReward test split, k = 3)")
     trained_ir = run_eval(
         final_ir, "imagereward", ir_root, out / "eval" / "imagereward-trained", "GRPO", args
     )
 
-    st.start("cold_start_hpdv2", "pairwise setting: cold start on HPDv2-format pairs")
-    cold_hp = cold_start(str(tiny), read_hpdv2_train(hp_root, fraction=1.0), str(out / "cold-hpdv2"), **cold)
-    st.start("eval_zero_shot_hpdv2", "zero-shot anchor-based ranking (HPDv2 test, k = 3)")
-    zero_hp = run_eval(cold_hp, "hpdv2", hp_root, out / "eval" / "hpdv2-zero-shot", "zero-shot", args)
-    st.start("grpo_hpdv2", f"GRPO on HPDv2-format pairs ({args.pair_steps} steps)")
-    final_hp = grpo_run("tiny_hpsv2.yaml", cold_hp, hp_root, out / "grpo-hpdv2", args.pair_steps, args)
-    st.start("eval_trained_hpdv2", "trained anchor-based ranking (HPDv2 test, k = 3)")
-    trained_hp = run_eval(final_hp, "hpdv2", hp_root, out / "eval" / "hpdv2-trained", "GRPO", args)
+    hpsv2 = pairwise(
+        args, st, out, tiny, ir_train, {**cold, "steps": args.pair_cold_steps, "pair_flip": args.pair_flip}
+    )
     st.stop()
     main_seconds = st.total
     stretch_report = stretch(args, st, out, cold) if args.stretch else None
@@ -354,15 +495,9 @@ def main(argv: list[str] | None = None) -> int:
                 "pairs_without_ties": trained_ir["pairs"] - trained_ir["human_ties"],
             },  # fmt: skip
             "grpo_steps": args.steps,
+            "kept_step": best_ir,
         },
-        "hpsv2": {
-            "protocol": "hpsv2_accuracy",
-            "method": "anchor",
-            "zero_shot": figures(zero_hp, "hpsv2_accuracy"),
-            "trained": figures(trained_hp, "hpsv2_accuracy"),
-            "test": {"prompts": trained_hp["n_groups"], "images": trained_hp["n_images"]},
-            "grpo_steps": args.pair_steps,
-        },
+        "hpsv2": hpsv2,
         "seed": args.seed,
         "threads": args.threads,
         "stage_seconds": st.seconds,
@@ -370,17 +505,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     if stretch_report:
         report["stretch"] = {**stretch_report, "wall_seconds_with_stretch": round(st.total, 1)}
-    report["targets"] = TARGETS
+    report["targets"] = {**TARGETS, "pairs": PAIR_TARGETS}
     report["targets_met"] = check_targets(report)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     curves = {
-        "GRPO, ImageReward-format ratings": (out / "grpo-imagereward", "eval/metrics/soft@1/imagereward_accuracy"),
-        "GRPO, HPDv2-format pairs": (out / "grpo-hpdv2", "eval/metrics/soft@1/hpsv2_accuracy"),
+        "GRPO, ImageReward-format ratings": (out / "grpo-imagereward", ACC_KEY["imagereward"], best_ir),
+        "GRPO, HPDv2-format pairs": (out / "grpo-hpdv2", ACC_KEY["hpdv2"], hpsv2["kept_step"]),
     }  # fmt: skip
     if stretch_report:
         curves["stretch: prompt-conditioned, small preset"] = (
             out / "stretch" / "grpo",
-            "eval/metrics/soft@1/imagereward_accuracy",
+            ACC_KEY["imagereward"],
+            stretch_report["kept_step"],
         )
     plot_curves(curves, out / "reward_curve.png")
 

@@ -124,3 +124,20 @@ def answer_nll(model_dir, train_set) -> float:
     with torch.no_grad():
         logp = completion_logprobs(model, inputs, ids, torch.ones_like(ids), prompt_rows=rows)
     return float(-logp[:, len(prefix)].mean())
+
+
+def test_mixed_cold_start_takes_half_of_every_batch_from_the_pairs(tiny_dir, synthetic_ir, tmp_path):
+    from data.hpdv2 import read_train as read_pairs
+    from data.imagereward import read_train
+    from data.synthetic import write_hpdv2
+
+    write_hpdv2(tmp_path / "hp", prompts=8, seed=0)
+    pairs = read_pairs(tmp_path / "hp", fraction=1.0)
+    with pytest.raises(ValueError, match="ratings set as train_set"):
+        cold_start(str(tiny_dir), pairs, str(tmp_path / "x"), pair_set=pairs)
+    out = cold_start(str(tiny_dir), read_train(synthetic_ir), str(tmp_path / "cold"), steps=6, batch_size=4,
+                     progress=False, pair_set=pairs)  # fmt: skip
+    record = json.loads((out / "cold_start.json").read_text())
+    assert record["mixed"] and len(record["pair_answer_nll"]) == len(record["answer_nll"]) == 6
+    # 12 pair answers, each 0 or 1: at most ln 2; the whole batch mixes them with ratings 1…7
+    assert 0 < record["pair_answer_entropy"] <= math.log(2) < record["answer_entropy"]

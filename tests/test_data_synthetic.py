@@ -148,3 +148,17 @@ def test_cli_writes_and_refuses_a_foreign_folder(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0
+
+
+def test_hpdv2_draw_seed_gives_other_images_of_the_same_preference_and_records_test_quality(tmp_path):
+    a = write_hpdv2(tmp_path / "a", prompts=8, seed=3)
+    b = write_hpdv2(tmp_path / "b", prompts=8, seed=3, draw_seed=1003)
+    assert a["colour_mapping"] == b["colour_mapping"] == colour_mapping(3)
+    assert (tmp_path / "a" / "train.json").read_text() != (tmp_path / "b" / "train.json").read_text()
+    assert len(a["test_quality"]) == a["counts"]["test"]["prompts"] == 8
+    assert all(len(q) == 9 and set(q) <= set(RATING_LEVELS) for q in a["test_quality"])
+    # the annotators rank by quality plus N(0, 1) noise: the mean rank mostly follows the quality
+    test = json.loads((tmp_path / "a" / "test.json").read_text())
+    agree = [(qi > qj) == (ri < rj) for row, q in zip(test, a["test_quality"])
+             for qi, ri in zip(q, row["rank"]) for qj, rj in zip(q, row["rank"]) if qi != qj]  # fmt: skip
+    assert sum(agree) / len(agree) > 0.8
