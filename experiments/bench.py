@@ -133,23 +133,25 @@ def worker_ours(a) -> dict:
     samples = train_samples(cfg, B * n_steps)
     policy_calls, reference_calls = ForwardCounter(policy), ForwardCounter(reference)
     setup_rss = rss_mb()
-    times, phases, lengths, calls = [], [], [], []
+    times, cpu, phases, lengths, calls = [], [], [], [], []
     for i in range(n_steps):
         batch = samples[B * i : B * (i + 1)]
         images = [[ref.load() for ref in s.images] for s in batch]  # decoded outside the timed step
         n0, r0 = policy_calls.n, reference_calls.n
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         _, metrics = grpo_step(
             policy, policy, reference, processor, optimizer, batch, images, None, cfg, device
         )
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         if i >= a.warmup:
             times.append(dt)
+            cpu.append(dc)
             phases.append({k[5:]: v for k, v in metrics.items() if k.startswith("time/")})
             lengths.append(metrics["completion_len_mean"])
             calls.append({"policy": policy_calls.n - n0, "reference": reference_calls.n - r0})
     return {
         "step_s": times,
+        "step_cpu_s": cpu,
         "phases_s": {k: median([p[k] for p in phases]) for k in phases[0]},
         "completion_len_mean": lengths,
         "forward_calls_per_step": calls[-1],
@@ -186,14 +188,15 @@ def worker_trl(a) -> dict:
 
     class Timer(TrainerCallback):
         def __init__(self):
-            self.times, self.lengths, self.calls, self.t0 = [], [], [], 0.0
+            self.times, self.cpu, self.lengths, self.calls, self.t0, self.c0 = [], [], [], [], 0.0, 0.0
 
         def on_step_begin(self, args, state, control, **kw):
             self.n0, self.r0 = policy_calls.n, reference_calls.n
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             self.times.append(time.perf_counter() - self.t0)
+            self.cpu.append(time.process_time() - self.c0)
             self.calls.append({"policy": policy_calls.n - self.n0, "reference": reference_calls.n - self.r0})
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -222,6 +225,7 @@ def worker_trl(a) -> dict:
     assert len(timer.times) == n_steps, f"TRL ran {len(timer.times)} steps, expected {n_steps}"
     return {
         "step_s": timer.times[a.warmup :],
+        "step_cpu_s": timer.cpu[a.warmup :],
         "completion_len_mean": timer.lengths[a.warmup :],
         "forward_calls_per_step": timer.calls[-1],
         "setup_rss_mb": setup_rss,
@@ -423,8 +427,11 @@ def run(kind: str, a, **extra) -> dict:
 
 def summarise(runs: list[dict], completions_per_step: int) -> dict:
     steps = [s for r in runs for s in r["step_s"]]
+    cpu = [s for r in runs for s in r["step_cpu_s"]]
     out = {
         "median_step_s": median(steps),
+        "median_step_cpu_s": median(cpu),
+        "step_cpu_s": cpu,
         "completions_per_s": completions_per_step / median(steps),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
         "setup_rss_mb": max(r["setup_rss_mb"] for r in runs),
@@ -516,6 +523,7 @@ def main(argv: list[str] | None = None) -> None:
             by_precision[precision] = {
                 "ours": ours, "trl": trl,
                 "speedup": ours["completions_per_s"] / trl["completions_per_s"],
+                "speedup_cpu_time": trl["median_step_cpu_s"] / ours["median_step_cpu_s"],
                 "peak_rss_ratio": ours["peak_rss_mb"] / trl["peak_rss_mb"],
             }  # fmt: skip
         workloads[workload] = {"workload": workload_summary(cfg, workload), "protocol": {
@@ -639,17 +647,19 @@ def markdown(r: dict) -> str:
             f"{pr['processes_per_side_and_precision']} process(es) per side, {pr['timed_steps_per_process']} timed "
             f"step(s) each after {pr['warmup_steps_per_process']} warm-up.",
             "",
-            "| precision | side | median step (s) | completions/s | peak RSS (MiB) | RSS after setup (MiB) | speedup | peak RSS ratio |",
-            "|---|---|---|---|---|---|---|---|",
+            "| precision | side | median step (s) | CPU time (s) | completions/s | peak RSS (MiB) | RSS after setup (MiB) | speedup | speedup by CPU time | peak RSS ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]  # fmt: skip
         precisions = {k: v for k, v in wl.items() if k in ("fp32", "bf16")}
         for precision, p in precisions.items():
             for side in ("ours", "trl"):
                 s = p[side]
                 speed = f"**{p['speedup']:.2f}×**" if side == "ours" else ""
+                speed_cpu = f"{p['speedup_cpu_time']:.2f}×" if side == "ours" else ""
                 ratio = f"**{p['peak_rss_ratio']:.2f}**" if side == "ours" else ""
                 lines.append(f"| {precision} | {'ours' if side == 'ours' else 'TRL GRPOTrainer'} | {s['median_step_s']:.2f} | "
-                             f"{s['completions_per_s']:.2f} | {s['peak_rss_mb']:.0f} | {s['setup_rss_mb']:.0f} | {speed} | {ratio} |")  # fmt: skip
+                             f"{s['median_step_cpu_s']:.2f} | {s['completions_per_s']:.2f} | {s['peak_rss_mb']:.0f} | "
+                             f"{s['setup_rss_mb']:.0f} | {speed} | {speed_cpu} | {ratio} |")  # fmt: skip
         lines += ["", "Our step by phase (median s): " + "; ".join(
             f"{prec}: " + ", ".join(f"{k} {v:.2f}" for k, v in p["ours"]["phases_s"].items())
             for prec, p in precisions.items())]  # fmt: skip
