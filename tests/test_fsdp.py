@@ -15,7 +15,7 @@ import torch
 from conftest import solid
 from safetensors.torch import load_file
 
-from grpo.config import load_config
+from grpo.config import ConfigError, load_config
 
 pytestmark = pytest.mark.slow
 
@@ -133,7 +133,7 @@ def test_lora_under_fsdp_is_refused_with_a_reason():
     from grpo.distributed import check_supported
 
     cfg = load_config("experiments/tiny.yaml", ["train.strategy=fsdp", "model.lora_rank=8"])
-    with pytest.raises(SystemExit, match="use train.strategy=ddp"):
+    with pytest.raises(ConfigError, match="use train.strategy=ddp"):
         check_supported(cfg, world=2)
     check_supported(cfg, world=1)  # one process never shards: LoRA runs as usual
 

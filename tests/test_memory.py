@@ -90,9 +90,10 @@ def test_cli_json_and_knobs(real_files, capsys):
     assert "fits" in out and "DOES NOT FIT" not in out
 
 
-def test_no_download(tmp_path):
-    with pytest.raises(SystemExit, match="never downloads"):
+def test_no_download(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
         main(["experiments/imagereward.yaml", f"model.name_or_path={tmp_path}/absent", "--gpus", "1"])
+    assert exit_.value.code == 2 and "never downloads" in capsys.readouterr().err
 
 
 @pytest.mark.slow
