@@ -138,6 +138,15 @@ def load_policy(
 DEFAULT_MAX_PIXELS = 401_408
 
 
+def vision_token_ids(model) -> list[int]:
+    """The five vision special tokens (``<|vision_start|>``, ``<|vision_end|>``, ``<|vision_pad|>``,
+    ``<|image_pad|>``, ``<|video_pad|>``), contiguous in Qwen's vocabulary, read from the config.
+    Sampling never emits them (``models.sampling.suppressed_token_ids``), so the log-prob passes
+    score the softmax without them: the distribution that was sampled."""
+    config = unwrap(model).config
+    return list(range(config.vision_start_token_id, config.video_token_id + 1))
+
+
 def set_pixel_bounds(processor, min_pixels: int = 0, max_pixels: int = 0) -> None:
     """Override the image processor's area bounds in pixels (0 keeps the checkpoint's)."""
     if min_pixels:

@@ -32,7 +32,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from models.kv_cache import cache_kept_under_checkpointing, decode, prefill_shared
-from models.loading import select_rows, unwrap
+from models.loading import select_rows, unwrap, vision_token_ids
 
 # float32 logits of one chunk of positions: 64 MiB is 110 positions at V = 152,064 (the whole batch
 # at the tiny model's V = 896). Larger chunks gain little: the LM head's matrix product is already
@@ -56,9 +56,8 @@ def completion_logprobs(
     logits by ``temperature`` scores the distribution ``sample_completions`` sampled from.
     """
     hidden_NTH = completion_hidden(model, inputs, completion_ids_NT, completion_mask_NT, prompt_rows)
-    return token_logprobs(
-        unwrap(model).lm_head, hidden_NTH, completion_ids_NT, completion_mask_NT, temperature
-    )
+    return token_logprobs(unwrap(model).lm_head, hidden_NTH, completion_ids_NT, completion_mask_NT, temperature,
+                          suppressed=vision_token_ids(model))  # fmt: skip
 
 
 def token_logprobs(
@@ -68,8 +67,12 @@ def token_logprobs(
     mask_NT: torch.Tensor,
     temperature: float = 1.0,
     chunk_bytes: int | None = None,
+    suppressed: list[int] | None = None,
 ) -> torch.Tensor:
     """``log_softmax(head(h) / temperature)[y]`` at every real position, chunk by chunk, ``(N, T)``.
+
+    ``suppressed`` token ids are left out of the softmax (logit −∞), as sampling leaves them out:
+    the log-probs are those of the distribution the completions were drawn from.
 
     ``head`` is the model's LM head (called as a module, so autocast and any wrapper apply as in
     the model's own forward). Each chunk of at most ``chunk_bytes / (4·V)`` positions
@@ -81,10 +84,11 @@ def token_logprobs(
     real_NT = mask_NT.bool()
     h_MH, ids_M = hidden_NTH[real_NT], ids_NT[real_NT]  # (M, H), (M,): real tokens only
     chunk = max(1, (chunk_bytes or LOGITS_CHUNK_BYTES) // (4 * V))
+    suppressed_S = torch.tensor(suppressed or [], dtype=torch.long, device=ids_NT.device)
     track = torch.is_grad_enabled() and (h_MH.requires_grad or head.weight.requires_grad)
     pieces = []
     for start in range(0, h_MH.shape[0], chunk):
-        args = (head, h_MH[start : start + chunk], ids_M[start : start + chunk], temperature)
+        args = (head, h_MH[start : start + chunk], ids_M[start : start + chunk], temperature, suppressed_S)
         if track:
             pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False, preserve_rng_state=False))
         else:
@@ -94,8 +98,11 @@ def token_logprobs(
     return logp_NT.masked_scatter(real_NT, logp_M)
 
 
-def _chunk_logprobs(head, h_CH: torch.Tensor, ids_C: torch.Tensor, temperature: float) -> torch.Tensor:
+def _chunk_logprobs(
+    head, h_CH: torch.Tensor, ids_C: torch.Tensor, temperature: float, suppressed_S
+) -> torch.Tensor:
     logits_CV = head(h_CH).float() / temperature  # (C, V): the only vocabulary-sized tensor
+    logits_CV = logits_CV.index_fill(-1, suppressed_S, -torch.inf)  # never sampled, never scored
     return logits_CV.gather(-1, ids_C[:, None]).squeeze(-1) - logits_CV.logsumexp(dim=-1)  # (C,)
 
 
@@ -186,7 +193,9 @@ def completion_logits(
         use_cache=False,
         **extra,
     )
-    return out.logits[:, :-1, :].float() / temperature  # (N, T, V): position t predicts token t
+    logits_NTV = out.logits[:, :-1, :].float() / temperature  # (N, T, V): position t predicts token t
+    suppressed = torch.tensor(vision_token_ids(model), device=logits_NTV.device)
+    return logits_NTV.index_fill(-1, suppressed, -torch.inf)  # as sampled: the vision tokens never are
 
 
 def selective_log_softmax(logits_NTV: torch.Tensor, ids_NT: torch.Tensor) -> torch.Tensor:

@@ -114,3 +114,13 @@ def like(like_dir):
     torch.manual_seed(0)
     model, processor = load_policy(str(like_dir))
     return model.eval(), processor
+
+
+def sampled_logprobs(logits_NTV: torch.Tensor, ids_NT: torch.Tensor, processor, temperature: float = 1.0):
+    """log p(y_t) under the distribution sampling draws from: softmax(f / τ) without the suppressed
+    vision tokens (``models.sampling.suppressed_token_ids``), ``(N, T)``. ``logits_NTV`` are raw."""
+    from models.sampling import suppressed_token_ids
+
+    z = logits_NTV.float() / temperature
+    z[..., suppressed_token_ids(processor)] = -torch.inf
+    return torch.log_softmax(z, -1).gather(-1, ids_NT.unsqueeze(-1)).squeeze(-1)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import solid
+from conftest import sampled_logprobs, solid
 
 from data.prompts import messages_for
 from models.qwen_vl import (
@@ -94,9 +94,7 @@ def test_reforward_logprobs_match_generate(tiny, examples):
     G = 3
     comp, logits_NTV = sample_completions(model, processor, inputs, G, max_new_tokens=16, return_scores=True)
     assert comp.ids_NT.shape[0] == len(examples) * G
-    generate_logp = (
-        torch.log_softmax(logits_NTV.float(), -1).gather(-1, comp.ids_NT.unsqueeze(-1)).squeeze(-1)
-    )
+    generate_logp = sampled_logprobs(logits_NTV, comp.ids_NT, processor)
     ours = completion_logprobs(model, repeat_inputs(inputs, G), comp.ids_NT, comp.mask_NT)
     real = comp.mask_NT.bool()
     torch.testing.assert_close(ours[real], generate_logp[real], atol=1e-5, rtol=0)
@@ -139,3 +137,28 @@ def test_gradients_reach_the_vision_tower(tiny_dir):
 def test_load_policy_dtype(tiny_dir):
     model, _ = load_policy(str(tiny_dir), dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_logprobs_leave_out_the_tokens_sampling_never_draws(tiny):
+    # Sampling suppresses the five vision tokens, so the scored distribution must be the softmax
+    # without them: the log-prob of a token rises by −log(1 − p_vision) over the full softmax.
+    from models.loading import vision_token_ids
+    from models.sampling import suppressed_token_ids
+
+    model, processor = tiny
+    assert vision_token_ids(model) == suppressed_token_ids(processor)
+    inputs = _batch(processor, ONE)
+    ids = torch.tensor([processor.tokenizer.encode("<think>ok</think><answer>5</answer>")])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ours = completion_logprobs(model, inputs, ids, mask)
+        L = inputs["input_ids"].shape[1]
+        full = {**inputs, "input_ids": torch.cat([inputs["input_ids"], ids], 1),
+                "attention_mask": torch.ones(1, L + ids.shape[1], dtype=torch.long),
+                "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids)], 1)}  # fmt: skip
+        logits = model(**full).logits[0, L - 1 : -1].float()  # (T, V): position t predicts token t
+    p_full = torch.log_softmax(logits, -1)
+    p_vision = p_full[:, vision_token_ids(model)].exp().sum(-1)  # (T,)
+    expected = p_full.gather(-1, ids[0, :, None]).squeeze(-1) - torch.log1p(-p_vision)
+    assert p_vision.min() > 1e-4, "the random tiny model gives the vision tokens visible mass"
+    torch.testing.assert_close(ours[0], expected, atol=1e-5, rtol=0)

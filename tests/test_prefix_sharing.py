@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from conftest import biased_towards_eos, solid
+from conftest import biased_towards_eos, sampled_logprobs, solid
 from test_models import MIXED, ONE, TWO, _batch
 
 from grpo.config import load_config
@@ -46,7 +46,7 @@ def test_shared_sampling_logprobs_match_its_distribution(tiny, examples):
         model, processor, inputs, G, max_new_tokens=16, return_scores=True, share_prefix=True
     )
     assert comp.ids_NT.shape[0] == len(examples) * G
-    sampled_logp = torch.log_softmax(logits_NTV.float(), -1).gather(-1, comp.ids_NT.unsqueeze(-1)).squeeze(-1)
+    sampled_logp = sampled_logprobs(logits_NTV, comp.ids_NT, processor)
     real = comp.mask_NT.bool()
     repeated = completion_logprobs(model, repeat_inputs(inputs, G), comp.ids_NT, comp.mask_NT)
     shared = completion_logprobs(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import biased_towards_eos, solid
+from conftest import biased_towards_eos, sampled_logprobs, solid
 from PIL import Image
 
 from data.prompts import messages_for
@@ -186,8 +186,7 @@ def test_generate_and_our_sampling_loop_draw_the_same_tokens(eos_prone_like, tem
                                           share_prefix=True)  # fmt: skip
     assert torch.equal(theirs.ids_NT, ours.ids_NT)
     real = ours.mask_NT.bool()
-    sampled = torch.log_softmax(logits_NTV.float() / temperature, -1)
-    sampled = sampled.gather(-1, ours.ids_NT.unsqueeze(-1)).squeeze(-1)  # (N, T)
+    sampled = sampled_logprobs(logits_NTV, ours.ids_NT, processor, temperature)  # (N, T)
     scored = completion_logprobs(model, repeat_inputs(inputs, 4), ours.ids_NT, ours.mask_NT, temperature)
     torch.testing.assert_close(scored[real], sampled[real], atol=1e-5, rtol=0)
 
@@ -271,3 +270,10 @@ def test_share_prefix_does_not_change_what_grpo_samples(like_dir, synthetic_ir, 
         rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
         texts[share] = [(r["sample_id"], r["text"]) for r in rows]
     assert len(texts[True]) == 6 and texts[True] == texts[False]
+
+
+def test_the_vision_tokens_left_out_of_the_log_probs_are_the_suppressed_ones(like):
+    from models.loading import vision_token_ids
+
+    model, processor = like
+    assert vision_token_ids(model) == suppressed_token_ids(processor) == list(range(151652, 151657))

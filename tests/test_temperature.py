@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from conftest import sampled_logprobs
 from test_models import MIXED, _batch
 
 from grpo.config import load_config
@@ -30,7 +31,7 @@ def test_logprobs_at_a_temperature_are_those_of_the_sampling_distribution(tiny, 
                                        return_scores=True, share_prefix=share_prefix)  # fmt: skip
     real = comp.mask_NT.bool()
     # generate's raw logits f; the distribution sampled at τ is softmax(f / τ)
-    sampled = torch.log_softmax(raw_NTV.float() / TAU, -1).gather(-1, comp.ids_NT.unsqueeze(-1)).squeeze(-1)
+    sampled = sampled_logprobs(raw_NTV, comp.ids_NT, processor, TAU)
     ours = completion_logprobs(model, repeat_inputs(inputs, G), comp.ids_NT, comp.mask_NT, temperature=TAU)
     torch.testing.assert_close(ours[real], sampled[real], atol=1e-5, rtol=0)
     at_one = completion_logprobs(model, repeat_inputs(inputs, G), comp.ids_NT, comp.mask_NT)
