@@ -21,9 +21,10 @@ documents the hidden ground truth). Stages, in order:
    during training to log accuracy and the spread of soft scores (a collapse to one rating shows
    as a spread near 0); the model of the evaluation with the best validation accuracy is kept;
 5. evaluate the trained model as in 3;
-6. the pairwise setting: a *mixed* cold start (half the batch the taste's ratings of single
-   images, half its answers on HPDv2-format pairs, a quarter of those flipped), the zero-shot
-   anchor-based ranking under the HPSv2 protocol, GRPO on the pairs
+6. the pairwise setting, on a second tiny model (preset ``tiny-pairs``: tiny's language model
+   with a 4-block vision tower, the smallest measured whose answers on pairs follow the images):
+   a cold start on HPDv2-format pairs (the answer names the image a random taste rates higher),
+   the zero-shot anchor-based ranking under the HPSv2 protocol, GRPO on the pairs
    (``experiments/tiny_hpsv2.yaml``: β = 0.04, cosine schedule) with held-out evaluation on a
    second synthetic HPDv2 folder of the same preference, the best model kept, and its ranking;
 7. print a table shaped like the paper's Tables 1–2 for both tasks, with the anchor protocol's
@@ -69,7 +70,6 @@ EXPERIMENTS = Path(__file__).resolve().parent
 RUN_DIRS = (
     "cold-imagereward",
     "cold-hpdv2",
-    "cold-mixed",
     "grpo-imagereward",
     "grpo-hpdv2",
     "eval",
@@ -88,6 +88,7 @@ PAIR_TARGETS = {
     "trained_soft_min": 0.75,
     "soft_gain_min": 0.15,
 }
+PAIR_PRESET = "tiny-pairs"  # the pairwise run's model (models.tiny.PRESETS)
 HELD_OUT_DRAW = 1000  # draw_seed of the pairwise run's held-out folder: seed + 1000, the same preference
 ACC_KEY = {  # the metrics.jsonl key of each run's held-out accuracy (Mean@1 soft scores)
     "imagereward": "eval/metrics/soft@1/imagereward_accuracy",
@@ -151,31 +152,23 @@ def cold_sees_images(model_dir: Path) -> dict:
     if record["answers"] == "taste" and last > 0.9 * record["answer_entropy"]:
         print("WARNING: the cold-started model's answers barely depend on the image yet; GRPO will "
               "likely find only the best constant rating. Try more --cold-steps.", file=sys.stderr)  # fmt: skip
-    seen = {"answer_nll_last10": round(last, 4), "answer_entropy": record["answer_entropy"]}
-    if record.get("mixed"):  # the pair half on its own: its answer loss against ln 2-ish
-        pair = sum(record["pair_answer_nll"][-10:]) / len(record["pair_answer_nll"][-10:])
-        print(f"  pairs alone: answer loss {pair:.3f}, {record['pair_answer_entropy']:.3f} for answers that "
-              f"ignore the images")  # fmt: skip
-        seen |= {
-            "pair_answer_nll_last10": round(pair, 4),
-            "pair_answer_entropy": record["pair_answer_entropy"],
-        }
-    return seen
+    return {"answer_nll_last10": round(last, 4), "answer_entropy": record["answer_entropy"]}
 
 
-def pairwise(args, st: Stages, out: Path, tiny: Path, ir_train, cold: dict) -> dict:
-    """The pairwise setting: a mixed cold start, GRPO on HPDv2-format pairs and anchor-based
+def pairwise(args, st: Stages, out: Path, cold: dict) -> dict:
+    """The pairwise setting: a cold start on pairs, GRPO on HPDv2-format pairs and anchor-based
     ranking under the HPSv2 protocol; returns the report's ``hpsv2`` part.
 
-    The cold start mixes the taste's ratings of single images with its answers on pairs: on pairs
-    alone the tiny model's answer does not come to depend on the images (``grpo.coldstart.MIXED``).
+    The model is the ``tiny-pairs`` preset (tiny's language model, the small preset's vision
+    tower): with tiny's own 2-block vision tower the answer on a pair does not come to follow the
+    images, even supervised with the true labels (``models.tiny.PRESETS``, issue 14).
     """
     hp_root, held_out = out / "data" / "hpdv2", out / "data" / "hpdv2-held-out"
     st.start(
-        "cold_start_mixed", f"pairwise setting: mixed cold start, ratings and pairs ({cold['steps']} steps)"
+        "cold_start_hpdv2", f"pairwise setting: tiny-pairs model, cold start on pairs ({cold['steps']} steps)"
     )
-    cold_hp = cold_start(str(tiny), ir_train, str(out / "cold-mixed"), pair_set=read_hpdv2_train(hp_root, 1.0),
-                         **cold)  # fmt: skip
+    model = build_tiny(out / "tiny-pairs-model", seed=0, preset=PAIR_PRESET)
+    cold_hp = cold_start(str(model), read_hpdv2_train(hp_root, 1.0), str(out / "cold-hpdv2"), **cold)
     sees = cold_sees_images(cold_hp)
     quality = hidden_quality(hp_root)
     st.start("eval_zero_shot_hpdv2", "zero-shot anchor-based ranking (HPDv2 test, k = 3)")
@@ -190,11 +183,12 @@ def pairwise(args, st: Stages, out: Path, tiny: Path, ir_train, cold: dict) -> d
     return {
         "protocol": "hpsv2_accuracy",
         "method": "anchor",
+        "preset": PAIR_PRESET,
         "zero_shot": figures(zero_hp, "hpsv2_accuracy", pair_accuracy=pair_accuracy(zero_dir, quality)),
         "trained": figures(trained_hp, "hpsv2_accuracy", pair_accuracy=pair_accuracy(trained_dir, quality)),
         "ceiling": ceiling(hp_root, quality),
         "test": {"prompts": trained_hp["n_groups"], "images": trained_hp["n_images"]},
-        "cold_start": {"mixed": True, "steps": cold["steps"], "pair_flip": cold["pair_flip"], **sees},
+        "cold_start": {"steps": cold["steps"], "seed": cold["seed"], **sees},
         "grpo_steps": args.pair_steps,
         "kept_step": best,
     }
@@ -396,10 +390,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="cold-start answers: a random taste (default) or uniformly random")  # fmt: skip
     ap.add_argument("--taste-seed", type=int, default=0, help="seed of the cold start's random taste")
     ap.add_argument("--steps", type=int, default=400, help="GRPO steps on ImageReward-format data")
-    ap.add_argument("--pair-cold-steps", type=int, default=250,
-                    help="steps of the pairwise run's mixed cold start (ratings and pairs)")  # fmt: skip
-    ap.add_argument("--pair-flip", type=float, default=0.25,
-                    help="mixed cold start: probability that a pair's taste answer is flipped")  # fmt: skip
+    ap.add_argument("--pair-cold-steps", type=int, default=300, help="steps of the pairwise run's cold start")
+    ap.add_argument("--pair-cold-seed", type=int, default=0,
+                    help="seed of the pairwise cold start's batches (see README: the pairwise run)")  # fmt: skip
     ap.add_argument("--pair-steps", type=int, default=200, help="GRPO steps on HPDv2-format pairs")
     ap.add_argument(
         "--eval-every", type=int, default=50, help="held-out evaluation during GRPO every N steps"
@@ -465,9 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         final_ir, "imagereward", ir_root, out / "eval" / "imagereward-trained", "GRPO", args
     )
 
-    hpsv2 = pairwise(
-        args, st, out, tiny, ir_train, {**cold, "steps": args.pair_cold_steps, "pair_flip": args.pair_flip}
-    )
+    hpsv2 = pairwise(args, st, out, {**cold, "steps": args.pair_cold_steps, "seed": args.pair_cold_seed})
     st.stop()
     main_seconds = st.total
     stretch_report = stretch(args, st, out, cold) if args.stretch else None
