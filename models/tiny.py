@@ -1,7 +1,7 @@
 """Build a tiny Qwen2.5-VL offline, deterministically: ``python -m models.tiny OUT_DIR [--seed N] [--like DIR]``.
 
 Our machines cannot download ``Qwen/Qwen2.5-VL-7B-Instruct``, so tests, the demo and the
-benchmarks run the *same code* on a randomly initialised Qwen2.5-VL of about 1.6M parameters
+benchmarks run the *same code* on a randomly initialised Qwen2.5-VL of about 1.0M parameters
 whose folder looks exactly like a real checkpoint:
 
 - ``config.json`` + ``model.safetensors`` (``Qwen2_5_VLForConditionalGeneration``),
@@ -13,8 +13,8 @@ whose folder looks exactly like a real checkpoint:
   saved under the standard ``Qwen2_5_VLProcessor`` class name, so that plain
   ``AutoProcessor.from_pretrained`` also loads the folder where torchvision is installed.
 
-Presets (DESIGN §8): ``tiny`` (text hidden 128 × 2 layers, vision 64 × 2 blocks, ~1.6M
-parameters), ``tiny-pairs`` (tiny's language model, small's vision tower; the demo's pairwise
+Presets (DESIGN §8): ``tiny`` (text hidden 128 × 2 layers, vision 64 × 2 blocks, ~1.0M
+parameters), ``tiny-pairs`` (tiny's language model, small's vision tower, ~2.3M; the demo's pairwise
 run, see ``PRESETS``) and ``small`` (text 256 × 4, vision 128 × 4, ~6M) for benchmarks and the
 prompt-conditioned task. The same seed gives byte-identical weights and tokenizer files.
 

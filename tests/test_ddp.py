@@ -15,18 +15,15 @@ import json
 import os
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from ddp_driver import UPDATE_OVERRIDES, UPDATE_PROMPTS
+from ddp_driver import one_process_update
 from safetensors.torch import load_file
-from test_policy import fixed_buffer
 
 from grpo.config import load_config
-from grpo.policy import build_policy
-from grpo.train import SampleStream, next_batch, read_train_set, update_pass
+from grpo.train import SampleStream, read_train_set
 
 ROOT = Path(__file__).resolve().parents[1]
 B = 2  # prompts per step and rank
@@ -75,13 +72,12 @@ def test_two_ranks_split_the_data_and_equal_one_process(cold_tiny_dir, synthetic
     assert len(sums) == 2 and sums[0] == sums[1], f"ranks diverged: {sums}"
 
     # The update: one process on both shares (2·UPDATE_PROMPTS prompts) moves the weights alike.
-    cfg0 = load_config(args[0], [*args[1:], *UPDATE_OVERRIDES])
-    policy, _, processor = build_policy(cfg0, torch.device("cpu"))
-    one = SampleStream(len(samples), cfg0.train.seed)
-    batch, images = next_batch(one, samples, 2 * UPDATE_PROMPTS, Counter())
-    buf = fixed_buffer(processor, (batch, images, read_train_set(cfg0).rating_values))
-    start = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    update_pass(policy.train(), torch.optim.SGD(policy.parameters(), lr=1.0), buf, cfg0, torch.device("cpu"))
+    assert_ranks_updated_as_one_process(driver_out, args)
+
+
+def assert_ranks_updated_as_one_process(driver_out: Path, args: list[str]) -> None:
+    """Each rank's weights after the driver's update equal one process's on the union of the shares."""
+    policy, start = one_process_update(args)
     for r in (0, 1):
         ranked = load_file(driver_out / f"update-rank{r}.safetensors")
         assert set(ranked) == {n for n, p in policy.named_parameters() if p.requires_grad}

@@ -163,3 +163,25 @@ def test_fsdp_options_train(overrides, cold_tiny_dir, synthetic_ir, tmp_path):
         )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"] for r in rows), "no NaN"
+
+
+def test_chunked_logprobs_under_fsdp_update_as_one_process(cold_tiny_dir, synthetic_ir, tmp_path):
+    """The log-prob passes by chunks of positions (``models.logprobs.token_logprobs``) under FSDP2,
+    where the LM head is its own unit, gathered for every chunk and again when the backward
+    recomputes it: one update on fixed rollouts, 5 positions per chunk, moves the weights of both
+    ranks as one process does with the whole sequence in one chunk (``tests/ddp_driver.py``)."""
+    from test_ddp import ROOT, assert_ranks_updated_as_one_process
+
+    vocab = json.loads((Path(cold_tiny_dir) / "config.json").read_text())["text_config"]["vocab_size"]
+    args = [
+        "experiments/tiny.yaml", f"model.name_or_path={cold_tiny_dir}", f"data.root={synthetic_ir}",
+        f"train.output_dir={tmp_path / 'run'}", "train.device=cpu", "train.strategy=fsdp", "grpo.group_size=4",
+        "grpo.max_new_tokens=16", "grpo.minibatch_size=4", "model.dtype=float32",
+    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(ROOT / "tests" / "ddp_driver.py"),
+           "--update-only", f"--chunk-bytes={4 * vocab * 5}", str(tmp_path), *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_ranks_updated_as_one_process(tmp_path, args)
