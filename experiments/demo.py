@@ -89,6 +89,10 @@ PAIR_TARGETS = {
     "soft_gain_min": 0.15,
 }
 PAIR_PRESET = "tiny-pairs"  # the pairwise run's model (models.tiny.PRESETS)
+# The stretch run's GRPO: tiny.yaml at a third of its learning rate on a cosine schedule. At 3e-4
+# constant the small preset collapsed to one rating by step 300 and lost the format after a
+# gradient spike at ~330; so set, 600 steps kept the format and the spread (issue 14).
+STRETCH_GRPO = ("train.lr=1e-4", "train.lr_schedule=cosine")
 HELD_OUT_DRAW = 1000  # draw_seed of the pairwise run's held-out folder: seed + 1000, the same preference
 ACC_KEY = {  # the metrics.jsonl key of each run's held-out accuracy (Mean@1 soft scores)
     "imagereward": "eval/metrics/soft@1/imagereward_accuracy",
@@ -207,7 +211,9 @@ def stretch(args, st: Stages, out: Path, cold: dict) -> dict:
     st.start("stretch_eval_zero_shot", "stretch: zero-shot evaluation (test split, k = 3)")
     zero = run_eval(cold_dir, "imagereward", root, work / "eval-zero-shot", "zero-shot", args)
     st.start("stretch_grpo", f"stretch: GRPO ({args.stretch_steps} steps)")
-    final, kept = grpo_run("tiny.yaml", cold_dir, root, work / "grpo", args.stretch_steps, args)
+    final, kept = grpo_run(
+        "tiny.yaml", cold_dir, root, work / "grpo", args.stretch_steps, args, extra=STRETCH_GRPO
+    )
     st.start("stretch_eval_trained", "stretch: trained model evaluation (test split, k = 3)")
     trained = run_eval(final, "imagereward", root, work / "eval-trained", "GRPO", args)
     st.stop()
@@ -267,7 +273,7 @@ def ceiling(root: Path, quality: dict[str, int]) -> float:
 
 
 def grpo_run(config: str, model_dir: Path, data_root: Path, out: Path, steps: int, args,
-             held_out: Path | None = None) -> tuple[Path, int]:  # fmt: skip
+             held_out: Path | None = None, extra: tuple[str, ...] = ()) -> tuple[Path, int]:  # fmt: skip
     """GRPO with an experiment file; held-out evaluation every ``--eval-every`` steps logs the
     accuracy and the spread of soft scores (ImageReward: the validation split; HPDv2, which has
     none: ``held_out``, a second synthetic folder of the same preference), so test stays unseen.
@@ -275,10 +281,11 @@ def grpo_run(config: str, model_dir: Path, data_root: Path, out: Path, steps: in
     A checkpoint is kept at every evaluation, and the one with the best held-out soft accuracy is
     returned with its step: late in a run GRPO can drift into a collapse (issue 14 measured a pairwise
     run fall from 0.85 to 0.47), and the stopping rule keeps the model from before it.
+    ``extra``: further ``key=value`` overrides of the experiment file.
     """
     overrides = [f"model.name_or_path={model_dir}", f"data.root={data_root}", f"train.output_dir={out}",
                  f"train.steps={steps}", f"train.seed={args.seed}", f"eval.every={args.eval_every}",
-                 f"train.save_every={args.eval_every}", f"train.keep_last={steps // args.eval_every + 1}"]  # fmt: skip
+                 f"train.save_every={args.eval_every}", f"train.keep_last={steps // args.eval_every + 1}", *extra]  # fmt: skip
     cfg = load_config(str(EXPERIMENTS / config), overrides)
     if cfg.data.kind == "imagereward":
         cfg.eval.root, cfg.eval.split = str(data_root), "validation"
