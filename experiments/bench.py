@@ -169,7 +169,7 @@ def worker_trl(a) -> dict:
 
     from data.prompts import messages_for
     from grpo.rewards import compute_rewards
-    from models.qwen_vl import load_policy, set_pixel_bounds, suppressed_token_ids
+    from models.qwen_vl import load_policy, set_pixel_bounds, vision_token_ids
 
     cfg = workload_config(a.out, a.workload)
     g, t = cfg.grpo, cfg.train
@@ -211,7 +211,7 @@ def worker_trl(a) -> dict:
         use_cpu=True, bf16=a.precision == "bf16", seed=t.seed, shuffle_dataset=False, dataloader_num_workers=0,
         per_device_train_batch_size=B * g.group_size, gradient_accumulation_steps=1, num_generations=g.group_size,
         max_completion_length=g.max_new_tokens, temperature=g.temperature, top_k=0, top_p=1.0,
-        generation_kwargs={"min_new_tokens": g.max_new_tokens, "suppress_tokens": suppressed_token_ids(processor)},
+        generation_kwargs={"min_new_tokens": g.max_new_tokens, "suppress_tokens": vision_token_ids(model)},
         beta=g.kl_coef, num_iterations=g.ppo_epochs, epsilon=g.clip_eps, loss_type="grpo", scale_rewards="group",
         learning_rate=t.lr, lr_scheduler_type="constant", weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         gradient_checkpointing=cfg.model.gradient_checkpointing, max_steps=n_steps,

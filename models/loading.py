@@ -141,8 +141,9 @@ DEFAULT_MAX_PIXELS = 401_408
 def vision_token_ids(model) -> list[int]:
     """The five vision special tokens (``<|vision_start|>``, ``<|vision_end|>``, ``<|vision_pad|>``,
     ``<|image_pad|>``, ``<|video_pad|>``), contiguous in Qwen's vocabulary, read from the config.
-    Sampling never emits them (``models.sampling.suppressed_token_ids``), so the log-prob passes
-    score the softmax without them: the distribution that was sampled."""
+    Sampling suppresses them (a random model may draw ``<|image_pad|>``, and the re-forward then
+    fails), and the log-prob passes score the softmax without them: the distribution that was
+    sampled. The one list both read."""
     config = unwrap(model).config
     return list(range(config.vision_start_token_id, config.video_token_id + 1))
 

@@ -31,6 +31,7 @@ from models.loading import (
     set_pixel_bounds,
     token_ids,
     unwrap,
+    vision_token_ids,
 )
 from models.logprobs import (
     completion_hidden,
@@ -40,21 +41,19 @@ from models.logprobs import (
     token_logprobs,
 )
 from models.sampling import (
-    VISION_SPECIAL_TOKENS,
     Completions,
     neutral_generation_defaults,
     sample_completions,
     sample_shared_first_image,
     sample_shared_prefix,
     sampling_config,
-    suppressed_token_ids,
 )
 
 __all__ = [
-    "DEFAULT_MAX_PIXELS", "VISION_SPECIAL_TOKENS", "Completions", "ImageOnlyQwenVLProcessor", "build_inputs",
+    "DEFAULT_MAX_PIXELS", "Completions", "ImageOnlyQwenVLProcessor", "build_inputs",
     "completion_hidden", "completion_logits", "completion_logprobs", "image_counts", "image_token_count",
     "kv_cache_available", "load_chat_template", "load_policy", "load_processor", "neutral_generation_defaults",
     "render_prompt", "repeat_inputs", "rope_positions", "sample_completions", "sample_shared_first_image",
     "sample_shared_prefix", "sampling_config", "save_processor", "select_rows", "selective_log_softmax",
-    "set_pixel_bounds", "suppressed_token_ids", "token_ids", "token_logprobs", "unwrap",
+    "set_pixel_bounds", "token_ids", "token_logprobs", "unwrap", "vision_token_ids",
 ]  # fmt: skip

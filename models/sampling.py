@@ -26,15 +26,7 @@ from transformers import GenerationConfig
 from transformers.cache_utils import Cache
 
 from models.kv_cache import GrowingLayer, decode, prefill_prompts, rope_positions
-from models.loading import image_counts, unwrap
-
-VISION_SPECIAL_TOKENS = (
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
+from models.loading import image_counts, unwrap, vision_token_ids
 
 
 @dataclass
@@ -49,10 +41,6 @@ class Completions:
     mask_NT: torch.Tensor
     texts: list[str]
     truncated_N: torch.Tensor  # True where the completion hit max_new_tokens without ending
-
-
-def suppressed_token_ids(processor) -> list[int]:
-    return processor.tokenizer.convert_tokens_to_ids(list(VISION_SPECIAL_TOKENS))
 
 
 def sampling_config(model, processor, max_new_tokens: int, temperature: float, min_new_tokens: int = 0):
@@ -86,7 +74,7 @@ def sampling_config(model, processor, max_new_tokens: int, temperature: float, m
         min_new_tokens=min_new_tokens,
         eos_token_id=eos,
         pad_token_id=processor.tokenizer.pad_token_id,
-        suppress_tokens=suppressed_token_ids(processor),
+        suppress_tokens=vision_token_ids(model),
         num_return_sequences=1,
     )
 
@@ -206,7 +194,7 @@ def _sample_from_cache(
     device = logits_NV.device
     eos_ids = sampling_config(model, processor, 1, temperature).eos_token_id
     eos = torch.tensor(eos_ids, device=device)
-    suppressed = torch.tensor(suppressed_token_ids(processor), device=device)
+    suppressed = torch.tensor(vision_token_ids(model), device=device)
     pad = processor.tokenizer.pad_token_id
 
     done_N = torch.zeros(logits_NV.shape[0], dtype=torch.bool, device=device)

@@ -116,11 +116,24 @@ def like(like_dir):
     return model.eval(), processor
 
 
-def sampled_logprobs(logits_NTV: torch.Tensor, ids_NT: torch.Tensor, processor, temperature: float = 1.0):
-    """log p(y_t) under the distribution sampling draws from: softmax(f / τ) without the suppressed
-    vision tokens (``models.sampling.suppressed_token_ids``), ``(N, T)``. ``logits_NTV`` are raw."""
-    from models.sampling import suppressed_token_ids
+VISION_TOKEN_NAMES = (
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
 
+
+def vision_tokens_by_name(processor) -> list[int]:
+    """The ids of the five vision special tokens, looked up by name in the tokenizer: the tests'
+    own account of what ``models.loading.vision_token_ids`` reads from the config."""
+    return processor.tokenizer.convert_tokens_to_ids(list(VISION_TOKEN_NAMES))
+
+
+def sampled_logprobs(logits_NTV: torch.Tensor, ids_NT: torch.Tensor, processor, temperature: float = 1.0):
+    """log p(y_t) under the distribution sampling draws from: softmax(f / τ) without the five vision
+    special tokens, ``(N, T)``. ``logits_NTV`` are raw."""
     z = logits_NTV.float() / temperature
-    z[..., suppressed_token_ids(processor)] = -torch.inf
+    z[..., vision_tokens_by_name(processor)] = -torch.inf
     return torch.log_softmax(z, -1).gather(-1, ids_NT.unsqueeze(-1)).squeeze(-1)

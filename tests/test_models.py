@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import sampled_logprobs, solid
+from conftest import sampled_logprobs, solid, vision_tokens_by_name
 
 from data.prompts import messages_for
 from models.qwen_vl import (
@@ -143,10 +143,9 @@ def test_logprobs_leave_out_the_tokens_sampling_never_draws(tiny):
     # Sampling suppresses the five vision tokens, so the scored distribution must be the softmax
     # without them: the log-prob of a token rises by −log(1 − p_vision) over the full softmax.
     from models.loading import vision_token_ids
-    from models.sampling import suppressed_token_ids
 
     model, processor = tiny
-    assert vision_token_ids(model) == suppressed_token_ids(processor)
+    assert vision_token_ids(model) == vision_tokens_by_name(processor)
     inputs = _batch(processor, ONE)
     ids = torch.tensor([processor.tokenizer.encode("<think>ok</think><answer>5</answer>")])
     mask = torch.ones_like(ids)

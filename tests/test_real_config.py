@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import biased_towards_eos, sampled_logprobs, solid
+from conftest import biased_towards_eos, sampled_logprobs, solid, vision_tokens_by_name
 from PIL import Image
 
 from data.prompts import messages_for
@@ -32,7 +32,6 @@ from models.qwen_vl import (
     sample_completions,
     sampling_config,
     set_pixel_bounds,
-    suppressed_token_ids,
     token_ids,
 )
 from models.soft_head import soft_scores
@@ -167,7 +166,7 @@ def test_generate_samples_the_plain_softmax_whatever_the_checkpoint_says(eos_pro
     assert model.generation_config.repetition_penalty == 1.05, "the checkpoint's config is left as it was"
     processed, raw = torch.stack(out.scores, 1).float(), torch.stack(out.logits, 1).float()  # (N, T, V)
     allowed = torch.ones(raw.shape[-1], dtype=torch.bool)
-    allowed[suppressed_token_ids(processor)] = False
+    allowed[vision_tokens_by_name(processor)] = False
     assert torch.isinf(processed[..., ~allowed]).all()
     torch.testing.assert_close(torch.log_softmax(processed[..., allowed], -1),
                                torch.log_softmax(raw[..., allowed] / temperature, -1), atol=1e-5, rtol=0)  # fmt: skip
@@ -276,4 +275,4 @@ def test_the_vision_tokens_left_out_of_the_log_probs_are_the_suppressed_ones(lik
     from models.loading import vision_token_ids
 
     model, processor = like
-    assert vision_token_ids(model) == suppressed_token_ids(processor) == list(range(151652, 151657))
+    assert vision_token_ids(model) == vision_tokens_by_name(processor) == list(range(151652, 151657))
