@@ -40,3 +40,5 @@ def test_bench_quick_runs_both_sides_on_equal_work(tmp_path):
     # With μ = 1 and β > 0 there is no old-log-prob pass: one reference pass (prompt + completions).
     assert result["ours"]["forward_calls_per_step"]["reference"] == 2
     assert "| fp32 | ours |" in (tmp_path / "BENCHMARKS.md").read_text()
+    # Both sides under one allocator setting (glibc's fixed mmap threshold), recorded with the result.
+    assert result["protocol"]["malloc_mmap_threshold"] == 1 << 20
