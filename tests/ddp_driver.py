@@ -7,7 +7,8 @@ Two things each rank does, for the test to compare with one process:
    or FSDP2 units as ``grpo.train`` builds them), this rank's share of
    the data (``SampleStream`` with its rank), the fixed completions of ``test_policy.fixed_buffer``,
    one ``update_pass`` with SGD at lr 1 (``UPDATE_OVERRIDES``); the trainable weights go to
-   ``OUT/update-rank{R}.safetensors`` (whole tensors, gathered from the shards under FSDP).
+   ``OUT/start-rank{R}.safetensors`` before it and ``OUT/update-rank{R}.safetensors`` after it
+   (whole tensors, gathered from the shards under FSDP).
    ``--chunk-bytes N`` sets ``models.logprobs.LOGITS_CHUNK_BYTES``, so that the log-prob passes
    run several chunks of logits on a small vocabulary;
 2. **The real training run** (not with ``--update-only``): ``grpo.train.main(CONFIG ...)``, unchanged, except that the sample
@@ -47,10 +48,16 @@ def update_on_fixed_rollouts(out: Path, cfg, rank: int, world: int) -> None:
     samples, images = loop.next_batch(stream, train_set.samples, UPDATE_PROMPTS, Counter())
     buf = fixed_buffer(processor, (samples, images, train_set.rating_values))
     optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+    save_file(trainable_weights(policy), out / f"start-rank{rank}.safetensors")
     loop.update_pass(train_model.train(), optimizer, buf, cfg, torch.device("cpu"))
+    save_file(trainable_weights(policy), out / f"update-rank{rank}.safetensors")
+
+
+def trainable_weights(policy) -> dict[str, torch.Tensor]:
+    """The trainable weights, whole (gathered from the shards under FSDP)."""
     whole = {n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in policy.named_parameters()
              if p.requires_grad}  # fmt: skip
-    save_file({n: p.detach().contiguous() for n, p in whole.items()}, out / f"update-rank{rank}.safetensors")
+    return {n: p.detach().contiguous() for n, p in whole.items()}
 
 
 def one_process_update(args: list[str]):

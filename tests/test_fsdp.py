@@ -165,23 +165,63 @@ def test_fsdp_options_train(overrides, cold_tiny_dir, synthetic_ir, tmp_path):
     assert all(r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"] for r in rows), "no NaN"
 
 
+def fsdp_update_on_fixed_rollouts(out: Path, args: list[str], positions_per_chunk: int | None, model) -> None:
+    """``tests/ddp_driver.py --update-only`` on 2 ranks under FSDP2: one update on fixed rollouts,
+    ``positions_per_chunk`` positions of logits per chunk (None: the default, one chunk here)."""
+    from test_ddp import ROOT
+
+    out.mkdir(parents=True, exist_ok=True)
+    chunk = []
+    if positions_per_chunk:
+        vocab = json.loads((Path(model) / "config.json").read_text())["text_config"]["vocab_size"]
+        chunk = [f"--chunk-bytes={4 * vocab * positions_per_chunk}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(ROOT / "tests" / "ddp_driver.py"),
+           "--update-only", *chunk, str(out), *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def update_args(model, data, out: Path, *overrides: str) -> list[str]:
+    return [
+        "experiments/tiny.yaml", f"model.name_or_path={model}", f"data.root={data}", f"train.output_dir={out}",
+        "train.device=cpu", "train.strategy=fsdp", "grpo.group_size=4", "grpo.max_new_tokens=16",
+        "grpo.minibatch_size=4", *overrides,
+    ]  # fmt: skip
+
+
 def test_chunked_logprobs_under_fsdp_update_as_one_process(cold_tiny_dir, synthetic_ir, tmp_path):
     """The log-prob passes by chunks of positions (``models.logprobs.token_logprobs``) under FSDP2,
     where the LM head is its own unit, gathered for every chunk and again when the backward
     recomputes it: one update on fixed rollouts, 5 positions per chunk, moves the weights of both
     ranks as one process does with the whole sequence in one chunk (``tests/ddp_driver.py``)."""
-    from test_ddp import ROOT, assert_ranks_updated_as_one_process
+    from test_ddp import assert_ranks_updated_as_one_process
 
-    vocab = json.loads((Path(cold_tiny_dir) / "config.json").read_text())["text_config"]["vocab_size"]
-    args = [
-        "experiments/tiny.yaml", f"model.name_or_path={cold_tiny_dir}", f"data.root={synthetic_ir}",
-        f"train.output_dir={tmp_path / 'run'}", "train.device=cpu", "train.strategy=fsdp", "grpo.group_size=4",
-        "grpo.max_new_tokens=16", "grpo.minibatch_size=4", "model.dtype=float32",
-    ]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(ROOT / "tests" / "ddp_driver.py"),
-           "--update-only", f"--chunk-bytes={4 * vocab * 5}", str(tmp_path), *args]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = update_args(cold_tiny_dir, synthetic_ir, tmp_path / "run", "model.dtype=float32")
+    fsdp_update_on_fixed_rollouts(tmp_path, args, 5, cold_tiny_dir)
     assert_ranks_updated_as_one_process(tmp_path, args)
+
+
+def test_chunked_logprobs_under_fsdp_in_the_shipped_bf16_setting(cold_tiny_dir, synthetic_ir, tmp_path):
+    """Several chunks of logits under FSDP2 in the setting the 7B experiments ship (bf16 compute over
+    float32 masters, a frozen bf16 vision tower, activation checkpointing): one update on fixed
+    rollouts with 5 positions per chunk moves every trained weight as the same two ranks do with one
+    chunk, to within bf16's rounding of the partial sums."""
+    shipped = ("model.dtype=bfloat16", "model.freeze_vision=true", "model.gradient_checkpointing=true")
+    updates = {}
+    for name, positions in (("one", None), ("chunked", 5)):
+        out = tmp_path / name
+        fsdp_update_on_fixed_rollouts(out, update_args(cold_tiny_dir, synthetic_ir, out / "run", *shipped),
+                                      positions, cold_tiny_dir)  # fmt: skip
+        start, after = (load_file(out / f"{kind}-rank0.safetensors") for kind in ("start", "update"))
+        updates[name] = {n: after[n] - start[n] for n in after}
+        rank1 = load_file(out / "update-rank1.safetensors")
+        assert all(torch.equal(rank1[n], after[n]) for n in after), "the ranks hold one model"
+    one, chunked = updates["one"], updates["chunked"]
+    assert not any("visual" in n for n in one), "the vision tower is frozen"
+    assert all(v.dtype == torch.float32 for v in one.values()), "the masters are float32"
+    assert one["lm_head.weight"].norm() > 0
+    for n in one:
+        err, size = (chunked[n] - one[n]).norm().item(), one[n].norm().item()
+        assert err <= 0.03 * size + 1e-6, f"{n}: chunked update differs by {err:.3g} of {size:.3g}"
