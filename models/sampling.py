@@ -2,8 +2,12 @@
 
 - ``sample_completions``: G completions of each of B prompts, flattened to N = B·G rows; with
   ``share_prefix`` each prompt is prefilled once (``models.kv_cache``) and a plain sampling loop
-  continues its G rows (``sample_shared_prefix``): the same distribution, and with the same seed
-  the same tokens, as ``generate``.
+  continues its G rows (``sample_shared_prefix``): the same distribution as ``generate``.
+- ``draw_tokens``: one token per row by inverse CDF, the draw of our loop. ``generate``'s
+  ``torch.multinomial`` draws one exponential variate per vocabulary entry (V = 152,064 of them per
+  row and step); inverse CDF draws one uniform per row. ``draw_tokens_as_generate`` is
+  ``generate``'s draw: with it our loop samples, seed for seed, the tokens ``generate`` samples,
+  which is how the tests hold the loop to ``generate``.
 - ``sample_shared_first_image``: pair requests that open with the same prompt and first image
   (anchor ranking) share the prefill of that opening.
 
@@ -18,6 +22,7 @@ Shapes as in ``models.loading``; ``N = B·G`` completions, ``T`` completion toke
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -96,6 +101,31 @@ def neutral_generation_defaults(model):
         hf.generation_config = saved
 
 
+def draw_tokens(scores_NV: torch.Tensor) -> torch.Tensor:
+    """One token per row from ``softmax(scores_NV)``, by inverse CDF; ``scores_NV`` is overwritten.
+
+    ``w = exp(s − max s)`` (a −∞ score gets weight 0), ``c`` its running sum along the vocabulary,
+    ``u`` uniform on ``[0, c_V)`` per row: the token is the first ``i`` with ``c_i > u``, drawn
+    with probability ``w_i / c_V``. A weight-0 token never is (its ``c_i`` equals its
+    predecessor's). Cost per row: V additions and one random number, where ``torch.multinomial``
+    draws V exponential variates (Gumbel-max); at V = 152,064 those took 75 of every 98 ms of a
+    sampling step (``BENCHMARKS.md``). Precision: ``cumsum`` on CPU accumulates float32 in double,
+    so each ``c_i`` carries one rounding (2^-24 relative), about the resolution of the uniform.
+    """
+    weights_NV = scores_NV.sub_(scores_NV.amax(dim=-1, keepdim=True)).exp_()
+    cdf_NV = torch.cumsum(weights_NV, dim=-1, out=weights_NV)  # in place: one (N, V) buffer in all
+    total_N1 = cdf_NV[:, -1:]
+    below_N1 = torch.nextafter(total_N1, torch.zeros_like(total_N1))  # u·c_V may round up to c_V
+    u_N1 = torch.minimum(torch.rand(total_N1.shape, device=total_N1.device) * total_N1, below_N1)
+    return torch.searchsorted(cdf_NV, u_N1, right=True).squeeze(1)
+
+
+def draw_tokens_as_generate(scores_NV: torch.Tensor) -> torch.Tensor:
+    """``generate``'s draw, ``torch.multinomial(softmax(scores_NV), 1)``: the same distribution as
+    ``draw_tokens``, other random numbers. With it our loop reproduces ``generate`` seed for seed."""
+    return torch.multinomial(torch.softmax(scores_NV, dim=-1), 1).squeeze(1)
+
+
 @torch.no_grad()
 def sample_completions(
     model,
@@ -107,21 +137,21 @@ def sample_completions(
     min_new_tokens: int = 0,
     return_scores: bool = False,
     share_prefix: bool = False,
+    draw: Callable[[torch.Tensor], torch.Tensor] = draw_tokens,
 ) -> Completions | tuple[Completions, torch.Tensor]:
     """Sample ``group_size`` completions per prompt.
 
     By default with one batched ``generate`` call, which repeats every prompt G times *before*
     the prefill. With ``share_prefix`` each prompt (with its images) is prefilled once and its
-    KV cache shared by its G completions (``sample_shared_prefix``): same distribution, the
-    prompt's cost no longer grows with G.
+    KV cache shared by its G completions (``sample_shared_prefix``, whose loop draws with
+    ``draw``): same distribution, the prompt's cost no longer grows with G.
 
     With ``return_scores`` the raw logits of each step come back too, ``(N, T, V)``, which the
     tests compare with our re-forward log-probs.
     """
     if share_prefix:
-        return sample_shared_prefix(
-            model, processor, inputs, group_size, max_new_tokens, temperature, min_new_tokens, return_scores
-        )
+        return sample_shared_prefix(model, processor, inputs, group_size, max_new_tokens, temperature,
+                                    min_new_tokens, return_scores, draw)  # fmt: skip
     cfg = sampling_config(model, processor, max_new_tokens, temperature, min_new_tokens)
     cfg.num_return_sequences = group_size
     L = inputs["input_ids"].shape[1]
@@ -160,24 +190,27 @@ def sample_shared_prefix(
     temperature: float = 1.0,
     min_new_tokens: int = 0,
     return_scores: bool = False,
+    draw: Callable[[torch.Tensor], torch.Tensor] = draw_tokens,
 ) -> Completions | tuple[Completions, torch.Tensor]:
     """``sample_completions`` with one prefill per prompt, and a plain sampling loop.
 
     The loop does what ``generate`` does with ``sampling_config``: softmax of logits /
     temperature over the full vocabulary (top_k=0, top_p=1), vision special tokens suppressed,
     end-of-sequence suppressed before ``min_new_tokens``, finished rows padded, stop when every
-    row has ended. ``return_scores`` returns the raw logits of each step, ``(N, T, V)``.
+    row has ended. Each step's tokens come from ``draw`` (``draw_tokens``; with
+    ``draw_tokens_as_generate``, the tokens ``generate`` draws with the same seed).
+    ``return_scores`` returns the raw logits of each step, ``(N, T, V)``.
     """
     B = inputs["input_ids"].shape[0]
     rows_N = torch.arange(B, device=inputs["input_ids"].device).repeat_interleave(group_size)  # n → n // G
     kv, logits_BV, next_B = prefill_prompts(model, inputs)
     return _sample_from_cache(model, processor, kv, rows_N, logits_BV, inputs["attention_mask"], next_B,
-                              max_new_tokens, temperature, min_new_tokens, return_scores)  # fmt: skip
+                              max_new_tokens, temperature, min_new_tokens, return_scores, draw)  # fmt: skip
 
 
 def _sample_from_cache(
     model, processor, kv, rows_N, logits_BV, attention_mask, next_B, max_new_tokens, temperature, min_new_tokens,
-    return_scores,
+    return_scores, draw,
 ) -> Completions | tuple[Completions, torch.Tensor]:  # fmt: skip
     """The sampling loop of ``sample_shared_prefix`` on top of B prefilled prompt rows.
 
@@ -204,12 +237,14 @@ def _sample_from_cache(
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             logits_NV = decode(model, tokens[-1][:, None], attention_mask, next_N + t - 1, cache)[:, -1]
         if return_scores:
-            raw.append(logits_NV)
-        scores_NV = logits_NV.float() / temperature
+            raw.append(logits_NV.clone())
+        scores_NV = logits_NV.float()  # the step's own logits: scaled and masked in place
+        if temperature != 1.0:
+            scores_NV.div_(temperature)
         scores_NV[:, suppressed] = -torch.inf
         if t < min_new_tokens:
             scores_NV[:, eos] = -torch.inf
-        token_N = torch.multinomial(torch.softmax(scores_NV, dim=-1), 1).squeeze(1)
+        token_N = draw(scores_NV)
         token_N = token_N.masked_fill(done_N, pad)  # rows that have ended only carry padding
         tokens.append(token_N)
         done_N |= torch.isin(token_N, eos)
@@ -235,6 +270,7 @@ def sample_shared_first_image(
     temperature: float = 1.0,
     min_new_tokens: int = 0,
     return_scores: bool = False,
+    draw: Callable[[torch.Tensor], torch.Tensor] = draw_tokens,
 ) -> Completions | tuple[Completions, torch.Tensor]:
     """``sample_completions`` where prompts that open alike share one prefill of their opening.
 
@@ -251,9 +287,10 @@ def sample_shared_first_image(
     3. the cache indexed to the N = B·G completion rows and ``sample_shared_prefix``'s loop.
 
     Positions are those of the unsplit prompt (``rope_positions`` on the full batch), passed
-    explicitly: same distribution as ``sample_completions``, and with the same seed the same
-    tokens. A row whose prefix no other row shares (a swapped comparison ``[j, anchor]``) is a
-    prefix of its own: correct, only not cheaper. Needs a KV cache (no gradient checkpointing).
+    explicitly: same distribution as ``sample_completions``, and with the same seed and
+    ``draw_tokens_as_generate`` the same tokens. A row whose prefix no other row shares (a
+    swapped comparison ``[j, anchor]``) is a prefix of its own: correct, only not cheaper. Needs a
+    KV cache (no gradient checkpointing).
     """
     ids, mask, mm = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
     B, L = ids.shape
@@ -339,4 +376,4 @@ def sample_shared_first_image(
     rows_N = torch.arange(B, device=device).repeat_interleave(group_size)  # completion n → prompt n // G
     kv = [(layer.keys, layer.values) for layer in cache.layers]  # (B, kv_heads, Lp + Ls, d)
     return _sample_from_cache(model, processor, kv, rows_N, logits_BV, attention_mask, next_B, max_new_tokens,
-                              temperature, min_new_tokens, return_scores)  # fmt: skip
+                              temperature, min_new_tokens, return_scores, draw)  # fmt: skip

@@ -15,6 +15,7 @@ from conftest import biased_towards_eos, solid
 from eval.score import Request, ScoringSpec, encode_requests, score_groups, seeded
 from models.prefix import sample_shared_first_image
 from models.qwen_vl import sample_completions
+from models.sampling import draw_tokens_as_generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,7 +47,8 @@ def test_shared_first_image_draws_what_generate_draws(eos_prone, G):
     model, processor = eos_prone
     inputs = encode_requests(processor, _requests(), ())
     torch.manual_seed(11)
-    ours, ours_logits = sample_shared_first_image(model, processor, inputs, G, 20, return_scores=True)
+    ours, ours_logits = sample_shared_first_image(model, processor, inputs, G, 20, return_scores=True,
+                                                  draw=draw_tokens_as_generate)  # fmt: skip
     torch.manual_seed(11)
     theirs, their_logits = sample_completions(model, processor, inputs, G, 20, return_scores=True)
     lengths = ours.mask_NT.sum(dim=1)

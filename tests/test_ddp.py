@@ -42,16 +42,7 @@ def test_two_ranks_split_the_data_and_equal_one_process(cold_tiny_dir, synthetic
         f"grpo.prompts_per_step={B}", "grpo.max_new_tokens=16", "grpo.minibatch_size=4", "eval.every=0",
         "train.save_every=0", f"train.log_completions={B * 4}",
     ]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           str(ROOT / "tests" / "ddp_driver.py"), str(driver_out), *args]  # fmt: skip
-    # the driver imports the checkout it lives in, whatever else is installed
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_driver(driver_out, [], args)
 
     # Data: disjoint shares whose union is what one process draws, step by step.
     cfg = load_config(args[0], args[1:])
@@ -73,6 +64,20 @@ def test_two_ranks_split_the_data_and_equal_one_process(cold_tiny_dir, synthetic
 
     # The update: one process on both shares (2·UPDATE_PROMPTS prompts) moves the weights alike.
     assert_ranks_updated_as_one_process(driver_out, args)
+
+
+def run_driver(out: Path, flags: list[str], args: list[str]) -> None:
+    """``tests/ddp_driver.py [flags] out args`` on 2 ranks under torchrun."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           str(ROOT / "tests" / "ddp_driver.py"), *flags, str(out), *args]  # fmt: skip
+    # the driver imports the checkout it lives in, whatever else is installed
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def assert_ranks_updated_as_one_process(driver_out: Path, args: list[str]) -> None:

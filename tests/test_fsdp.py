@@ -168,19 +168,14 @@ def test_fsdp_options_train(overrides, cold_tiny_dir, synthetic_ir, tmp_path):
 def fsdp_update_on_fixed_rollouts(out: Path, args: list[str], positions_per_chunk: int | None, model) -> None:
     """``tests/ddp_driver.py --update-only`` on 2 ranks under FSDP2: one update on fixed rollouts,
     ``positions_per_chunk`` positions of logits per chunk (None: the default, one chunk here)."""
-    from test_ddp import ROOT
+    from test_ddp import run_driver
 
     out.mkdir(parents=True, exist_ok=True)
     chunk = []
     if positions_per_chunk:
         vocab = json.loads((Path(model) / "config.json").read_text())["text_config"]["vocab_size"]
         chunk = [f"--chunk-bytes={4 * vocab * positions_per_chunk}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(ROOT / "tests" / "ddp_driver.py"),
-           "--update-only", *chunk, str(out), *args]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_driver(out, ["--update-only", *chunk], args)
 
 
 def update_args(model, data, out: Path, *overrides: str) -> list[str]:

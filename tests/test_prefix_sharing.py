@@ -1,7 +1,7 @@
 """Prefix sharing (issue 7): one prompt forward per group, in sampling and in the log-prob passes.
 
-The shared path must be the same computation as repeating every prompt G times: the samples
-``generate`` would draw with the same seed, log-probs that match the sampling distribution to
+The shared path must be the same computation as repeating every prompt G times: with
+``generate``'s draw, the samples ``generate`` would draw with the same seed, log-probs that match the sampling distribution to
 1e-5, and the same gradients.
 """
 
@@ -18,6 +18,7 @@ from grpo.config import load_config
 from grpo.rollout import RolloutBuffer, buffer_logprobs
 from grpo.train import update_pass
 from models.qwen_vl import completion_logprobs, repeat_inputs, sample_completions
+from models.sampling import draw_tokens_as_generate
 
 CASES = pytest.mark.parametrize(
     "examples", [ONE, TWO, MIXED], ids=["one-image", "two-images", "mixed-left-padded"]
@@ -59,13 +60,13 @@ def test_shared_sampling_logprobs_match_its_distribution(tiny, examples):
 @CASES
 @pytest.mark.parametrize("min_new_tokens", [0, 6])
 def test_shared_sampling_draws_what_generate_draws(eos_prone, examples, min_new_tokens):
-    # Same seed, same distribution, one multinomial draw per step: the same tokens, eos and padding included.
+    # Same seed, same distribution, generate's multinomial draw per step: the same tokens, eos and
+    # padding included.
     model, processor = eos_prone
     inputs = _batch(processor, examples)
     torch.manual_seed(7)
-    ours = sample_completions(
-        model, processor, inputs, 4, 20, min_new_tokens=min_new_tokens, share_prefix=True
-    )
+    ours = sample_completions(model, processor, inputs, 4, 20, min_new_tokens=min_new_tokens, share_prefix=True,
+                              draw=draw_tokens_as_generate)  # fmt: skip
     torch.manual_seed(7)
     theirs = sample_completions(model, processor, inputs, 4, 20, min_new_tokens=min_new_tokens)
     lengths = ours.mask_NT.sum(dim=1)

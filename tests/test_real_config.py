@@ -34,6 +34,7 @@ from models.qwen_vl import (
     set_pixel_bounds,
     token_ids,
 )
+from models.sampling import draw_tokens_as_generate
 from models.soft_head import soft_scores
 from models.tiny import CHECKPOINT_TEXT_FILES, QWEN_CHAT_TEMPLATE
 
@@ -174,7 +175,7 @@ def test_generate_samples_the_plain_softmax_whatever_the_checkpoint_says(eos_pro
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_generate_and_our_sampling_loop_draw_the_same_tokens(eos_prone_like, temperature):
-    # Same seed, same distribution, one multinomial draw per step: the same tokens; and the
+    # Same seed, same distribution, generate's multinomial draw per step: the same tokens; and the
     # re-forward log-probs that GRPO scores match the distribution the tokens were drawn from.
     model, processor = eos_prone_like
     inputs = _prompt(processor, "rating", [solid("red", 64)])
@@ -182,7 +183,7 @@ def test_generate_and_our_sampling_loop_draw_the_same_tokens(eos_prone_like, tem
     theirs = sample_completions(model, processor, inputs, 4, 16, temperature, share_prefix=False)
     torch.manual_seed(3)
     ours, logits_NTV = sample_completions(model, processor, inputs, 4, 16, temperature, return_scores=True,
-                                          share_prefix=True)  # fmt: skip
+                                          share_prefix=True, draw=draw_tokens_as_generate)  # fmt: skip
     assert torch.equal(theirs.ids_NT, ours.ids_NT)
     real = ours.mask_NT.bool()
     sampled = sampled_logprobs(logits_NTV, ours.ids_NT, processor, temperature)  # (N, T)
@@ -251,11 +252,18 @@ def test_shipped_experiment_runs_on_the_real_configuration(
 
 
 @pytest.mark.slow
-def test_share_prefix_does_not_change_what_grpo_samples(like_dir, synthetic_ir, tmp_path):
+def test_share_prefix_does_not_change_what_grpo_samples(like_dir, synthetic_ir, tmp_path, monkeypatch):
     # grpo.share_prefix=false samples with generate(), true with our own loop; under the real
-    # generation_config.json both must write the same completions at the first step.
+    # generation_config.json both must write the same completions at the first step, once our
+    # loop draws as generate does.
+    import functools
+
+    import grpo.train
     from grpo.config import load_config
     from grpo.train import train
+
+    monkeypatch.setattr(grpo.train, "sample_completions",
+                        functools.partial(grpo.train.sample_completions, draw=draw_tokens_as_generate))  # fmt: skip
 
     texts = {}
     for share in (True, False):

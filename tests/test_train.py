@@ -111,7 +111,8 @@ def test_lora_keeps_base_weights(cold_tiny_dir, synthetic_ir, tmp_path):
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert any(v.abs().sum() > 0 for v in lora_b), "lora_B starts at zero and must have moved"
     kl = [json.loads(line)["kl"] for line in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
-    assert abs(kl[0]) < 1e-8 and all(k > 1e-6 for k in kl[1:]), f"π_ref must stay the base model: kl {kl}"
+    # k3 of identical models is 0 to float rounding (~1e-14); the mutation above gives exactly 0
+    assert abs(kl[0]) < 1e-10 and all(k > 1e-8 for k in kl[1:]), f"π_ref must stay the base model: kl {kl}"
 
     # The merged folder loads as a plain model; compare parameters by module name.
     base = load_policy(str(cold_tiny_dir))[0].state_dict()
