@@ -11,10 +11,12 @@ the gradient of the log-softmax. Here the work is split in two:
    completions attend to its keys/values (``models.kv_cache``), with or without activation
    checkpointing.
 2. ``token_logprobs``: LM head + log-softmax + the taken token, by chunks of positions. A chunk's
-   float32 logits take at most ``LOGITS_CHUNK_BYTES``; under autograd every chunk is checkpointed
-   (``torch.utils.checkpoint``), so its logits are freed after the forward and recomputed in the
-   backward: peak memory holds one chunk of logits, never (N, T, V). Padding positions
-   (``mask_NT == 0``) are skipped; their log-prob is 0.
+   float32 logits take at most ``LOGITS_CHUNK_BYTES``, and the backward recomputes them instead of
+   keeping them: peak memory holds one chunk of logits, never (N, T, V). Padding positions
+   (``mask_NT == 0``) are skipped; their log-prob is 0. A plain ``nn.Linear`` head goes through
+   ``HeadLogprobs``, whose forward and backward reuse one buffer for every chunk and write the
+   softmax's gradient in place; a wrapped head (an FSDP unit gathers its weight when called)
+   is called as a module, each chunk under ``torch.utils.checkpoint``.
 
 The values are today's ``selective_log_softmax(completion_logits(...))`` to float rounding (the LM
 head's matrix product runs over chunks of rows instead of all rows at once): tested against it on
@@ -85,6 +87,95 @@ def token_logprobs(
     h_MH, ids_M = hidden_NTH[real_NT], ids_NT[real_NT]  # (M, H), (M,): real tokens only
     chunk = max(1, (chunk_bytes or LOGITS_CHUNK_BYTES) // (4 * V))
     suppressed_S = torch.tensor(suppressed or [], dtype=torch.long, device=ids_NT.device)
+    if type(head) is torch.nn.Linear and head.bias is None and h_MH.shape[0] > 0:
+        device = h_MH.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
+        logp_M = HeadLogprobs.apply(h_MH, head.weight, ids_M, temperature, suppressed_S, chunk, dtype)
+    else:
+        logp_M = _module_logprobs(head, h_MH, ids_M, temperature, suppressed_S, chunk)
+    logp_NT = torch.zeros(ids_NT.shape, dtype=torch.float32, device=ids_NT.device)
+    return logp_NT.masked_scatter(real_NT, logp_M)
+
+
+class HeadLogprobs(torch.autograd.Function):
+    """``log_softmax(h Wᵀ / τ)[y]`` for M positions, chunk by chunk, with a hand-written backward.
+
+    Forward, per chunk of C positions: ``z = h Wᵀ / τ`` into one reused float32 ``(C, V)`` buffer
+    (the matrix product in ``dtype``: the autocast dtype, else the weight's), suppressed columns
+    set to −∞, then in place ``z − max``, ``exp``, a row sum: ``log p_y = z_y − lse``. Only ``lse``
+    (M,) is kept. Backward, per chunk: ``z`` again into the same buffer, ``p = exp(z − lse)`` in
+    place, then ``∂ log p_y / ∂z = onehot(y) − p`` scaled by the incoming gradient and ``1/τ``,
+    still in place, and two matrix products: ``∂h = D W`` and ``∂W += Dᵀ h`` (float32). Where
+    autograd through the module would allocate the logits, their scaled and masked copies, the
+    softmax and each gradient afresh for every chunk, this holds one ``(C, V)`` buffer (and its
+    ``dtype`` twin under bf16) for the whole pass.
+    """
+
+    @staticmethod
+    def forward(ctx, h_MH, weight_VH, ids_M, temperature, suppressed_S, chunk, dtype):
+        scores = _ChunkScores(weight_VH, temperature, suppressed_S, min(chunk, h_MH.shape[0]), dtype)
+        logp_M = torch.empty(h_MH.shape[0], dtype=torch.float32, device=h_MH.device)
+        lse_M = torch.empty_like(logp_M)
+        for s in range(0, h_MH.shape[0], chunk):
+            z_CV = scores(h_MH[s : s + chunk])
+            max_C = z_CV.amax(dim=-1)
+            picked_C = z_CV.gather(-1, ids_M[s : s + chunk, None]).squeeze(-1)
+            lse_M[s : s + chunk] = z_CV.sub_(max_C[:, None]).exp_().sum(dim=-1).log_().add_(max_C)
+            logp_M[s : s + chunk] = picked_C - lse_M[s : s + chunk]
+        ctx.save_for_backward(h_MH, weight_VH, ids_M, lse_M, suppressed_S)
+        ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
+        return logp_M
+
+    @staticmethod
+    def backward(ctx, grad_M):
+        h_MH, weight_VH, ids_M, lse_M, suppressed_S = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        chunk, dtype = ctx.chunk, ctx.dtype
+        scores = _ChunkScores(weight_VH, ctx.temperature, suppressed_S, min(chunk, h_MH.shape[0]), dtype)
+        g_M = grad_M.float() / ctx.temperature  # ∂z/∂logits = 1/τ
+        grad_h = torch.empty(h_MH.shape, dtype=dtype, device=h_MH.device) if need_h else None
+        grad_w = torch.zeros(weight_VH.shape, dtype=torch.float32, device=h_MH.device) if need_w else None
+        for s in range(0, h_MH.shape[0], chunk):
+            h_CH, g_C = h_MH[s : s + chunk], g_M[s : s + chunk, None]
+            d_CV = scores(h_CH).sub_(lse_M[s : s + chunk, None]).exp_()  # softmax p; 0 where suppressed
+            d_CV.mul_(-g_C).scatter_add_(-1, ids_M[s : s + chunk, None], g_C)  # g (onehot(y) − p) / τ
+            if need_h:
+                torch.mm(scores.low(d_CV), scores.weight, out=grad_h[s : s + chunk])
+            if need_w:
+                grad_w.addmm_(d_CV.t(), h_CH.float())
+        return (grad_h.to(h_MH.dtype) if need_h else None, grad_w.to(weight_VH.dtype) if need_w else None,
+                None, None, None, None, None)  # fmt: skip
+
+
+class _ChunkScores:
+    """``h Wᵀ / τ`` of up to ``rows`` positions, suppressed columns −∞, into one float32 buffer."""
+
+    def __init__(self, weight_VH, temperature, suppressed_S, rows, dtype):
+        self.weight = weight_VH.to(dtype)  # cast once per pass (the weight itself when dtypes agree)
+        self.temperature, self.suppressed = temperature, suppressed_S
+        V = weight_VH.shape[0]
+        self.z = torch.empty(rows, V, dtype=torch.float32, device=weight_VH.device)
+        low = dtype != torch.float32
+        self.z_low = torch.empty(rows, V, dtype=dtype, device=weight_VH.device) if low else None
+
+    def __call__(self, h_CH):
+        C = h_CH.shape[0]
+        z_CV = self.z[:C]
+        if self.z_low is None:
+            torch.mm(h_CH.to(self.weight.dtype), self.weight.t(), out=z_CV)
+        else:
+            z_CV.copy_(torch.mm(h_CH.to(self.weight.dtype), self.weight.t(), out=self.z_low[:C]))
+        if self.temperature != 1.0:
+            z_CV.div_(self.temperature)
+        return z_CV.index_fill_(-1, self.suppressed, -torch.inf)
+
+    def low(self, d_CV):
+        """``d_CV`` in the matrix products' dtype (in the second buffer under bf16)."""
+        return d_CV if self.z_low is None else self.z_low[: d_CV.shape[0]].copy_(d_CV)
+
+
+def _module_logprobs(head, h_MH, ids_M, temperature, suppressed_S, chunk) -> torch.Tensor:
+    """``token_logprobs`` through the head's ``__call__``, each chunk checkpointed under autograd."""
     track = torch.is_grad_enabled() and (h_MH.requires_grad or head.weight.requires_grad)
     pieces = []
     for start in range(0, h_MH.shape[0], chunk):
@@ -93,9 +184,7 @@ def token_logprobs(
             pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False, preserve_rng_state=False))
         else:
             pieces.append(_chunk_logprobs(*args))
-    logp_M = torch.cat(pieces) if pieces else hidden_NTH.new_zeros(0, dtype=torch.float32)
-    logp_NT = torch.zeros(ids_NT.shape, dtype=torch.float32, device=ids_NT.device)
-    return logp_NT.masked_scatter(real_NT, logp_M)
+    return torch.cat(pieces) if pieces else h_MH.new_zeros(0, dtype=torch.float32)
 
 
 def _chunk_logprobs(
