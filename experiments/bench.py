@@ -25,8 +25,9 @@ a process runs (1,665 MiB after one step, 2,224 MiB after three) while the live 
 fixed threshold returns every block of 1 MiB and more to the system when it is freed, so peak RSS
 measures the memory each trainer uses, not how glibc's heap fragmented. It is the same setting for
 both sides; CUDA memory does not go through glibc. It moves the times too: every block of 1 MiB
-or more is then a fresh mmap (on the real workload our step took 19% longer and TRL's 17% less;
-BENCHMARKS.md, row h).
+or more is then a fresh mmap (on the real workload, before our sampling draw and LM-head pass
+reused their buffers, our step took 19% longer and TRL's 17% less; since then ours takes about as
+long under either setting: BENCHMARKS.md, rows h-j).
 
 Threads: ``--threads 1`` by default, the same for both sides. On a 2-core machine shared with
 other jobs, two OpenMP threads stall at every barrier whenever one core is taken (steps then vary
