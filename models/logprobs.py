@@ -76,11 +76,12 @@ def token_logprobs(
     ``suppressed`` token ids are left out of the softmax (logit −∞), as sampling leaves them out:
     the log-probs are those of the distribution the completions were drawn from.
 
-    ``head`` is the model's LM head (called as a module, so autocast and any wrapper apply as in
-    the model's own forward). Each chunk of at most ``chunk_bytes / (4·V)`` positions
-    (``LOGITS_CHUNK_BYTES`` by default) computes
-    ``z = head(h).float() / τ`` and ``z[y] − logsumexp(z)``; under autograd it is checkpointed,
-    so the backward recomputes ``z`` instead of keeping it.
+    ``head`` is the model's LM head. Each chunk of at most ``chunk_bytes / (4·V)`` positions
+    (``LOGITS_CHUNK_BYTES`` by default) computes ``z = head(h).float() / τ`` and
+    ``z[y] − logsumexp(z)``, and the backward recomputes ``z`` instead of keeping it. A plain
+    ``nn.Linear`` head runs in ``HeadLogprobs`` (the product in the autocast dtype when autocast
+    is on, as the module would); any other head (an FSDP unit, whose call gathers its weight) is
+    called as a module, each chunk under ``torch.utils.checkpoint``.
     """
     V = head.out_features
     real_NT = mask_NT.bool()
