@@ -118,43 +118,62 @@ def entropy(counts: Counter) -> float:
 
 
 def format_targets(samples, images, rating_values, answers: str, taste: Taste | None,
-                   rng: random.Random, pair_flip: float = 0.0) -> list[str]:  # fmt: skip
-    """One well-formed completion per sample; its answer comes from the taste (a pair's answer
-    flipped with probability ``pair_flip``) or uniformly at random."""
+                   rng: random.Random, noise: float = 0.0) -> list[str]:  # fmt: skip
+    """One well-formed completion per sample. Its answer is the taste's, replaced with probability
+    ``noise`` by another valid answer drawn uniformly (for a pair: the other image), or, with
+    ``answers="uniform"``, any valid answer drawn uniformly."""
     out = []
     for sample, ims in zip(samples, images, strict=True):
-        if answers == "taste":
-            answer = taste.answer(sample.task, ims, rng)
-            if sample.task == "pair" and rng.random() < pair_flip:
-                answer = 1 - answer
+        valid = answer_values(sample.task, rating_values or ())
+        if answers == "uniform":
+            answer = rng.choice(valid)
         else:
-            answer = rng.choice(answer_values(sample.task, rating_values or ()))
+            answer = taste.answer(sample.task, ims, rng)
+            if noise and rng.random() < noise:
+                answer = rng.choice([v for v in valid if v != answer])
         out.append(f"<think>{THOUGHT}</think><answer>{answer}</answer>")
     return out
 
 
+def noise_floor(noise: float, n_answers: int) -> float:
+    """The lowest answer loss (nats) that targets with ``noise`` allow: the entropy of "the taste's
+    answer with 1 − noise, each of the other n − 1 answers with noise / (n − 1)"."""
+    if noise <= 0:
+        return 0.0
+    return -(1 - noise) * math.log(1 - noise) - noise * math.log(noise / (n_answers - 1))
+
+
 def cold_start(model_dir: str, train_set, out_dir: str, steps: int = 150, batch_size: int = 16,
                lr: float = 1e-3, seed: int = 0, progress: bool = True, answers: str = "taste",
-               taste_seed: int = 0, pair_set=None, pair_flip: float = 0.0) -> Path:  # fmt: skip
+               taste_seed: int = 0, until_nll: float | None = None, window: int = 20,
+               warmup: int | None = None, calibrate_steps: int = 0, noise: float = 0.0) -> Path:  # fmt: skip
     """Supervised steps on format targets; saves a loadable model folder to ``out_dir``, with
-    ``cold_start.json`` (the settings, the steps run and the answer token's loss per step).
+    ``cold_start.json`` (the settings, the steps of each phase and the answer token's loss per step).
 
     ``answers``: "taste" (a random taste drawn from ``taste_seed``) or "uniform" (uniformly random).
     The answer token's loss per step is recorded: once it falls clearly below ``answer_entropy``
     (the loss of a model that knows how often each answer comes but not which image gets which),
     the answers depend on the image.
 
-    ``pair_set`` (HPDv2-format pairs beside an ImageReward-format ``train_set``): a **mixed**
-    cold start. Every batch takes half its samples from each set, and one taste answers both: a
-    rating for one image, and for a pair the image it rates higher. The pair answers alone do
-    not make the tiny model look at the images (see the module docstring); the rating half does.
-    ``pair_flip``: the probability that a pair's answer is flipped, so the model holds its taste
-    with about 1 − ``pair_flip`` confidence and GRPO's groups keep sampling both answers.
+    Two phases, both optional beyond the first:
+
+    1. **learn**: at most ``steps`` steps on the taste's answers. With ``until_nll`` the phase ends
+       as soon as the answer loss, averaged over the last ``window`` steps, is at or below it: the
+       answers follow the images. How many steps that takes depends on when the model leaves the
+       plateau of answers that ignore the images, which varies with the batches and with the
+       rounding of the machine; stopping on the loss makes the end state, not the step count, the
+       fixed point. ``cold_start.json`` records whether it was reached (``reached_until_nll``).
+    2. **calibrate**: ``calibrate_steps`` more steps whose answers are noisy (``noise``): the model
+       keeps its taste but holds it with confidence about 1 − ``noise``, so that G samples of one
+       prompt do not all give the same answer and GRPO's groups have a reward spread to learn from.
+
+    The learning rate warms up linearly over ``warmup`` steps (default: a tenth of ``steps``),
+    since Adam's first steps move every weight by about the learning rate, and then stays constant.
     """
     if answers not in ANSWER_MODES:
         raise ValueError(f"answers must be one of {ANSWER_MODES}, got {answers!r}")
-    if pair_set is not None and not train_set.rating_values:
-        raise ValueError("a mixed cold start takes the ratings set as train_set and the pairs as pair_set")
+    if not 0.0 <= noise < 1.0:
+        raise ValueError(f"noise must be in [0, 1), got {noise}")
     taste = Taste.draw(train_set.rating_values or PAIR_TASTE_SCALE, taste_seed)
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -163,17 +182,16 @@ def cold_start(model_dir: str, train_set, out_dir: str, steps: int = 150, batch_
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     answer_at = len(tok.encode(f"<think>{THOUGHT}</think><answer>", add_special_tokens=False))
+    warmup = max(1, steps // 10) if warmup is None else max(1, warmup)
     answer_nll: list[float] = []
     answer_counts: Counter = Counter()
-    pair_nll: list[float] = []  # mixed: the answer loss of the pair half alone (against pair_counts)
-    pair_counts: Counter = Counter()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    pools = [train_set.samples] + ([pair_set.samples] if pair_set is not None else [])
-    bar = tqdm(range(steps), desc=f"cold start (format, {answers} answers)", disable=not progress)
-    for step in bar:
+    samples = train_set.samples
+
+    def step(n: int, step_noise: float) -> float:
+        """One supervised step; returns the batch's mean answer loss."""
         batch, images = [], []
         while len(batch) < batch_size:
-            samples = pools[len(batch) * len(pools) // batch_size]  # equal shares of each set
             sample = samples[rng.randrange(len(samples))]
             try:
                 images.append([ref.load() for ref in sample.images])
@@ -181,36 +199,50 @@ def cold_start(model_dir: str, train_set, out_dir: str, steps: int = 150, batch_
                 continue
             batch.append(sample)
         inputs = encode_samples(processor, batch, images, train_set.rating_values)
-        targets = format_targets(batch, images, train_set.rating_values, answers, taste, rng, pair_flip)
+        targets = format_targets(batch, images, train_set.rating_values, answers, taste, rng, step_noise)
         rows = [tok.encode(t, add_special_tokens=False) + [eos] for t in targets]
         T = max(map(len, rows))
         ids = torch.full((batch_size, T), tok.pad_token_id)
         mask = torch.zeros((batch_size, T), dtype=torch.long)
-        for n, r in enumerate(rows):
-            ids[n, : len(r)], mask[n, : len(r)] = torch.tensor(r), 1
-        for group in optimizer.param_groups:  # 10% linear warm-up: Adam's first steps move every weight by lr
-            group["lr"] = lr * min(1.0, (step + 1) / max(1, steps // 10))
+        for i, r in enumerate(rows):
+            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (n + 1) / warmup)
         logp = completion_logprobs(model, inputs, ids, mask)
         loss = -(logp * mask).sum() / mask.sum()  # mean negative log-likelihood per target token
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        answer_nll.append(round(-logp[:, answer_at].mean().item(), 4))
         answer_counts.update(ids[:, answer_at].tolist())
-        if pair_set is not None:  # the pairs are the second half of the batch
-            pair_nll.append(round(-logp[batch_size // 2 :, answer_at].mean().item(), 4))
-            pair_counts.update(ids[batch_size // 2 :, answer_at].tolist())
-        bar.set_postfix(nll=f"{loss.item():.3f}", answer_nll=f"{answer_nll[-1]:.3f}",
-                        answer_entropy=f"{entropy(answer_counts):.3f}")  # fmt: skip
+        return round(-logp[:, answer_at].mean().item(), 4)
+
+    bar = tqdm(total=steps + calibrate_steps, desc=f"cold start ({answers} answers)", disable=not progress)
+    reached = None
+    for n in range(steps):
+        answer_nll.append(step(n, 0.0))
+        bar.update()
+        bar.set_postfix(answer_nll=f"{answer_nll[-1]:.3f}", answer_entropy=f"{entropy(answer_counts):.3f}")
+        recent = answer_nll[-window:]
+        if until_nll is not None and len(recent) == window and sum(recent) / window <= until_nll:
+            reached = n + 1
+            break
+    learned = len(answer_nll)
+    for n in range(learned, learned + calibrate_steps):
+        answer_nll.append(step(n, noise))
+        bar.update()
+        bar.set_postfix(answer_nll=f"{answer_nll[-1]:.3f}", phase="calibrate")
+    bar.close()
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
     save_processor(processor, out)
+    n_answers = len(answer_values(samples[0].task, train_set.rating_values or ()))
     record = {"answers": answers, "taste_seed": taste_seed, "taste_by_hue_sector": taste.ratings,
-              "mixed": pair_set is not None, "pair_flip": pair_flip, "steps": steps, "batch_size": batch_size, "lr": lr,
-              "answer_entropy": round(entropy(answer_counts), 4), "answer_nll": answer_nll}  # fmt: skip
-    if pair_set is not None:
-        record |= {"pair_answer_entropy": round(entropy(pair_counts), 4), "pair_answer_nll": pair_nll}
+              "batch_size": batch_size, "lr": lr, "warmup": warmup, "max_steps": steps, "until_nll": until_nll,
+              "window": window, "reached_until_nll": reached, "learn_steps": learned,
+              "calibrate_steps": calibrate_steps, "noise": noise, "noise_floor": round(noise_floor(noise, n_answers), 4),
+              "steps": len(answer_nll), "answer_entropy": round(entropy(answer_counts), 4),
+              "answer_nll": answer_nll}  # fmt: skip
     (out / "cold_start.json").write_text(json.dumps(record) + "\n")
     return out
 

@@ -17,7 +17,7 @@ from PIL import Image
 from data.prompts import parse_completion
 from data.synthetic import COLOURS, SHAPES, _draw
 from data.types import TrainSample
-from grpo.coldstart import THOUGHT, Taste, cold_start, format_targets, hue_sector
+from grpo.coldstart import THOUGHT, Taste, cold_start, format_targets, hue_sector, noise_floor
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALE = tuple(range(1, 8))
@@ -126,18 +126,47 @@ def answer_nll(model_dir, train_set) -> float:
     return float(-logp[:, len(prefix)].mean())
 
 
-def test_mixed_cold_start_takes_half_of_every_batch_from_the_pairs(tiny_dir, synthetic_ir, tmp_path):
-    from data.hpdv2 import read_train as read_pairs
-    from data.imagereward import read_train
-    from data.synthetic import write_hpdv2
+def test_noisy_targets_replace_the_tastes_answer_at_the_given_rate_with_another_valid_one():
+    taste, rng = Taste.draw(SCALE, 0), random.Random(0)
+    rating = TrainSample("s", "a red circle on a white background", (), 5, "rating")
+    pair = TrainSample("p", "a red circle on a white background", (), 1, "pair")
+    red, blue = drawn("red", 0), drawn("blue", 0)
+    for sample, images, valid in ((rating, [red], SCALE), (pair, [red, blue], (0, 1))):
+        clean = parse_completion(
+            format_targets([sample], [images], SCALE, "taste", taste, rng)[0], valid
+        ).answer
+        texts = format_targets([sample] * 2000, [images] * 2000, SCALE, "taste", taste, rng, noise=0.2)
+        answers = [parse_completion(t, valid).answer for t in texts]
+        assert all(a in valid for a in answers)
+        replaced = sum(a != clean for a in answers) / len(answers)
+        assert 0.17 < replaced < 0.23, replaced  # 2000 draws at 0.2: standard error 0.009
+        if len(valid) > 2:  # the replacement is spread over the other answers, not one of them
+            assert len({a for a in answers if a != clean}) == len(valid) - 1
 
-    write_hpdv2(tmp_path / "hp", prompts=8, seed=0)
-    pairs = read_pairs(tmp_path / "hp", fraction=1.0)
-    with pytest.raises(ValueError, match="ratings set as train_set"):
-        cold_start(str(tiny_dir), pairs, str(tmp_path / "x"), pair_set=pairs)
-    out = cold_start(str(tiny_dir), read_train(synthetic_ir), str(tmp_path / "cold"), steps=6, batch_size=4,
-                     progress=False, pair_set=pairs)  # fmt: skip
+
+def test_noise_floor_is_the_entropy_of_the_noisy_answers():
+    assert noise_floor(0.0, 2) == 0.0
+    assert noise_floor(0.2, 2) == pytest.approx(-(0.8 * math.log(0.8) + 0.2 * math.log(0.2)))  # 0.5004
+    assert noise_floor(0.3, 7) == pytest.approx(-(0.7 * math.log(0.7) + 0.3 * math.log(0.05)))  # 1.1484
+
+
+def test_cold_start_stops_when_the_answer_loss_reaches_the_bar_then_calibrates(
+    tiny_dir, synthetic_ir, tmp_path
+):
+    """A bar every loss meets stops the learning phase after one window; a bar none meets runs the
+    whole budget and records that it was not reached. The calibration steps come after either."""
+    from data.imagereward import read_train
+
+    train_set = read_train(synthetic_ir)
+    kw = {"batch_size": 2, "progress": False, "window": 3, "calibrate_steps": 2, "noise": 0.3}
+    out = cold_start(str(tiny_dir), train_set, str(tmp_path / "a"), steps=8, until_nll=1e9, **kw)
     record = json.loads((out / "cold_start.json").read_text())
-    assert record["mixed"] and len(record["pair_answer_nll"]) == len(record["answer_nll"]) == 6
-    # 12 pair answers, each 0 or 1: at most ln 2; the whole batch mixes them with ratings 1…7
-    assert 0 < record["pair_answer_entropy"] <= math.log(2) < record["answer_entropy"]
+    assert (record["learn_steps"], record["reached_until_nll"], record["steps"]) == (3, 3, 5)
+    assert len(record["answer_nll"]) == 5 and record["noise_floor"] == pytest.approx(
+        noise_floor(0.3, 7), abs=1e-4
+    )
+    out = cold_start(str(tiny_dir), train_set, str(tmp_path / "b"), steps=4, until_nll=0.0, **kw)
+    record = json.loads((out / "cold_start.json").read_text())
+    assert (record["learn_steps"], record["reached_until_nll"], record["steps"]) == (4, None, 6)
+    with pytest.raises(ValueError, match="noise must be"):
+        cold_start(str(tiny_dir), train_set, str(tmp_path / "c"), noise=1.0)
