@@ -7,7 +7,7 @@ MODEL   ?= Qwen/Qwen2.5-VL-7B-Instruct
 DATA    ?=
 TINY    := $(RUNS)/tiny-model
 
-.PHONY: help install test lint format demo demo-full train-imagereward train-hpsv2 eval-imagereward eval-hpsv2 bench tiny-model
+.PHONY: help install test lint format demo demo-full demo-robust train-imagereward train-hpsv2 eval-imagereward eval-hpsv2 bench tiny-model
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -17,7 +17,7 @@ $(STAMP): requirements.lock setup.py
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps -e .
-	@! $(PY) -c "import torchvision" 2>/dev/null || (echo "torchvision must not be installed beside torch 2.13.0 (DESIGN §8)"; exit 1)
+	@! $(PY) -c "import torchvision" 2>/dev/null || (echo "torchvision must not be installed beside torch 2.13.0 (see docs/facts.md)"; exit 1)
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the pinned dependencies (idempotent)
@@ -26,7 +26,7 @@ install: $(STAMP)  ## create .venv and install the pinned dependencies (idempote
 # anything else; tests/test_bench.py needs it, so `make test` installs it rather than skip that test.
 $(BENCH): $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
-	@! $(PY) -c "import torchvision" 2>/dev/null || (echo "torchvision must not be installed beside torch 2.13.0 (DESIGN §8)"; exit 1)
+	@! $(PY) -c "import torchvision" 2>/dev/null || (echo "torchvision must not be installed beside torch 2.13.0 (see docs/facts.md)"; exit 1)
 	touch $(BENCH)
 
 test: $(STAMP) $(BENCH)  ## run the whole test suite (CPU, offline); the fast part alone: .venv/bin/python -m pytest -m "not slow"
@@ -45,6 +45,9 @@ tiny-model: $(STAMP)  ## build the tiny offline Qwen2.5-VL into runs/tiny-model
 
 demo: $(STAMP)  ## the whole method end to end on CPU: tiny model, synthetic data, cold start, GRPO, evaluation
 	$(PY) experiments/demo.py --out $(RUNS)/demo
+
+demo-robust: $(STAMP)  ## the demo over 10 seeds × perturbations (threads, kernels, weight ulps): how many runs meet the targets (~2 h)
+	$(PY) experiments/robust.py --out $(RUNS)/robust
 
 demo-full: $(STAMP)  ## make demo, then the stretch run: prompt-conditioned tier, small preset (~36 min)
 	$(PY) experiments/demo.py --out $(RUNS)/demo --stretch

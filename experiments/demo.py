@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="seed of the cold start's taste (default: the first whose order of the colours is at chance)")  # fmt: skip
     ap.add_argument("--cold-seed", type=int, default=0, help="seed of the cold starts' batches")
     ap.add_argument("--steps", type=int, default=400, help="GRPO steps of the rating half")
-    ap.add_argument("--pair-steps", type=int, default=200, help="GRPO steps of the pairs half")
+    ap.add_argument("--pair-steps", type=int, default=400, help="GRPO steps of the pairs half")
     ap.add_argument(
         "--eval-every", type=int, default=50, help="held-out evaluation during GRPO every N steps"
     )

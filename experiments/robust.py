@@ -14,8 +14,8 @@ it. The perturbations:
 - ``ulps``: every initial weight moved by about 2 float32 ulps (``demo.py --perturb-ulps 2``).
 
 The default grid is 10 runs: seeds 1–5, each under two perturbations, each perturbation on at
-least two seeds. Runs go one after another (each runs its two halves side by side on the two
-cores); a run whose ``report.json`` exists is read, not run again (``--fresh`` runs it anyway), so
+least two seeds. ``--parallel`` runs go at a time (the default, 1, suits two cores: each run
+takes one core per half); a run whose ``report.json`` exists is read, not run again (``--fresh`` runs it anyway), so
 an interrupted grid continues. Writes ``OUT/robust.json`` and ``OUT/robust.md`` (the table of
 ``docs/demo.md``), each run's folder under ``OUT/runs/``.
 """
@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", nargs="+", metavar="SEED:PERTURBATION",
                     help=f"the grid to run (default: {' '.join(f'{s}:{p}' for s, p in GRID)})")  # fmt: skip
     ap.add_argument("--fresh", action="store_true", help="run again even where a report exists")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="demo runs at a time (each takes one core per half it runs)")  # fmt: skip
     args = ap.parse_args(argv)
     grid = GRID
     if args.runs:
@@ -158,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         unknown = {p for _, p in grid} - set(PERTURBATIONS)
         if unknown:
             ap.error(f"unknown perturbation(s) {sorted(unknown)}; known: {sorted(PERTURBATIONS)}")
-    reports = [(seed, p, run(args.out, seed, p, args.halves, args.fresh)) for seed, p in grid]
+    with ThreadPoolExecutor(args.parallel) as pool:  # each worker waits on one demo process
+        futures = [pool.submit(run, args.out, seed, p, args.halves, args.fresh) for seed, p in grid]
+        reports = [(seed, p, f.result()) for (seed, p), f in zip(grid, futures, strict=True)]
 
     halves = {h: [row(s, p, rep, h) for s, p, rep in reports] for h in args.halves}
     result = {

@@ -1,14 +1,15 @@
-"""``make demo`` at CI size (issues 6 and 14): the same script, fewer rating steps, and proof
-that both halves learn.
+"""``make demo`` at CI size: the same script, the pairs half exactly as ``make demo`` runs it and the
+rating half cut to 60 GRPO steps, and proof that both learn.
 
-The full demo trains for 400 rating and 200 pairwise steps; here the rating run stops at 60 steps
-and the pairwise run is the full demo's (its data, cold start and 200 GRPO steps: shorter runs
-follow another cosine schedule, and at 50 steps one went only 0.485 → 0.557). The test asserts
-what those steps do on the demo's seed: the mean reward of the rating run rises by a clear
-margin, its test soft accuracy gains at least 0.15 over the cold-started model, and the pairwise
-run's anchor soft accuracy (HPSv2 protocol) gains at least 0.15 too (full demo, 2026-11-30:
-0.485 → 0.842, pair accuracy 0.456 → 0.977). It also checks the report, table and plot have the
-documented shape.
+Why this cannot pass by luck or fail by host: the pairs half here is the configuration that
+``experiments/robust.py`` runs on every seed and perturbation of its grid (data seed 1 is in it
+under one thread and under the AVX2 kernels; the grid adds two threads and initial weights moved
+by 2 ulps on other seeds), and every run there met the targets asserted below (``docs/demo.md``,
+"How robust it is"). The rating half's first 60 steps are the first 60 steps of the grid's rating
+runs (a constant learning rate after the warm-up, so a shorter run is the same run cut short);
+its assertions (the mean reward of steps 51–60 at least 0.15 above that of steps 1–10, held-out
+soft accuracy at step 50 at least 0.15 above the zero-shot test figure) held with a margin in
+every run of the grid. The report, table and plot are checked for their documented shape.
 """
 
 from __future__ import annotations
@@ -21,15 +22,24 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+ACC = "eval/metrics/soft@1/imagereward_accuracy"
 
 
 @pytest.mark.slow
-def test_demo_pipeline_runs_end_to_end_and_grpo_raises_the_reward(tmp_path):
+def test_demo_learns_both_halves_and_reports_them(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, str(ROOT / "experiments" / "demo.py"), "--out", str(out), "--prompts", "256",
-           "--steps", "60", "--eval-every", "50"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / "demo.py"),
+        "--out",
+        str(out),
+        "--seed",
+        "1",
+        "--steps",
+        "60",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     report = json.loads((out / "report.json").read_text())
     for stage in ("zero_shot", "trained"):
@@ -38,33 +48,31 @@ def test_demo_pipeline_runs_end_to_end_and_grpo_raises_the_reward(tmp_path):
         for key in ("hard", "soft", "soft_mean3", "pair_accuracy"):
             assert 0.0 <= report["hpsv2"][stage][key] <= 1.0
     assert 0.8 < report["hpsv2"]["ceiling"] < 0.95  # the anchor protocol's ceiling on this synthetic set
-    assert (
-        report["wall_seconds"] > 0
-        and set(report["targets_met"])
-        and "colour_mapping" in report["imagereward"]
-    )
+    assert report["wall_seconds"] > 0 and "colour_mapping" in report["imagereward"]
     assert (out / "reward_curve.png").stat().st_size > 10_000
     summary = (out / "summary.md").read_text()
-    assert "| GRPO-trained |" in summary and "| hidden quality (ceiling) |" in summary
+    assert "Table 2" in summary and "ceiling" in summary and "Targets:" in summary
 
+    # The pairs half, as make demo runs it: every target.
+    hp = report["hpsv2"]
+    assert hp["cold_start"]["reached_until_nll"], (
+        "the pair cold start's answers did not come to follow the images"
+    )
+    met = {name: ok for name, ok in report["targets_met"].items() if name.startswith("pairs:")}
+    assert met and all(met.values()), (met, hp["zero_shot"], hp["trained"])
+    pair_rows = [json.loads(line) for line in (out / "grpo-hpdv2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in pair_rows] == list(range(1, hp["grpo_steps"] + 1))
+    assert hp["kept_step"] in [r["step"] for r in pair_rows if "eval/soft_spread" in r]
+
+    # The rating half, 60 GRPO steps: the reward and the held-out accuracy rise.
     rows = [
         json.loads(line) for line in (out / "grpo-imagereward" / "metrics.jsonl").read_text().splitlines()
     ]
     assert [r["step"] for r in rows] == list(range(1, 61))
-    first, last = (sum(r["reward_mean"] for r in part) / len(part) for part in (rows[:10], rows[-10:]))
+    first, last = (sum(r["reward_mean"] for r in part) / len(part) for part in (rows[:10], rows[50:60]))
     assert last > first + 0.15, f"GRPO did not raise the reward: {first:.3f} → {last:.3f}"
-    assert any("eval/soft_spread" in r for r in rows), "held-out soft-score spread is logged during training"
-    zero, trained = report["imagereward"]["zero_shot"]["soft"], report["imagereward"]["trained"]["soft"]
-    assert trained >= zero + 0.15, f"GRPO did not raise the test soft accuracy: {zero:.3f} → {trained:.3f}"
-
-    pair_rows = [json.loads(line) for line in (out / "grpo-hpdv2" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in pair_rows] == list(range(1, 201))
-    held_out = [r for r in pair_rows if "eval/soft_spread" in r]
-    assert [r["step"] for r in held_out] == [50, 100, 150, 200], (
-        "held-out accuracy and spread logged during pairwise GRPO"
-    )
-    assert report["hpsv2"]["kept_step"] in (50, 100, 150, 200)
-    zero, trained = report["hpsv2"]["zero_shot"]["soft"], report["hpsv2"]["trained"]["soft"]
-    assert trained >= zero + 0.15, (
-        f"GRPO did not raise the pairwise soft accuracy: {zero:.3f} → {trained:.3f}"
+    held_out = {r["step"]: r[ACC] for r in rows if r.get(ACC) is not None}
+    zero = report["imagereward"]["zero_shot"]["soft"]
+    assert held_out[50] >= zero + 0.15, (
+        f"held-out soft accuracy {held_out[50]:.3f} after 50 steps, zero-shot {zero:.3f}"
     )
