@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from data.errors import DataError
+from common.errors import DataError
 from data.sets import (
     EvalSet,
     TrainSet,

@@ -42,7 +42,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from data.errors import DataError, one_line
+from common.errors import DataError, one_line
 from data.sets import (
     EvalSet,
     TrainSet,

@@ -42,7 +42,7 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image
 
-from data.errors import DataError
+from common.errors import DataError
 
 MIN_SIDE = 28  # Qwen2.5-VL: patch 14 × spatial merge 2
 MAX_SIDE = 4096

@@ -21,7 +21,7 @@ What else a row must pass (issue 15), with the reason it is counted under:
 - **duplicates** of an earlier row (the same image, the same pair) are dropped (``duplicate row``).
 
 A file that cannot be parsed at all (not JSON, not parquet, a truncated zip) is a
-``data.errors.DataError`` naming the file, or, for one zip among many, skipped and counted.
+``common.errors.DataError`` naming the file, or, for one zip among many, skipped and counted.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.errors import DataError, one_line
+from common.errors import DataError, one_line
 from data.types import EvalGroup, TrainSample
 
 logger = logging.getLogger(__name__)

@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
 
-from data.errors import user_errors_exit
+from common.errors import user_errors_exit
 
 COLOURS = {"red": (220, 40, 40), "yellow": (235, 200, 30), "green": (40, 160, 70), "blue": (40, 90, 220)}
 SHAPES = ("circle", "square", "triangle")

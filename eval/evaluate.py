@@ -55,11 +55,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.errors import DataError, user_errors_exit
+from common.config import EvalConfig, load_config
+from common.errors import DataError, user_errors_exit
 from data.images import BadImageError
 from data.types import EvalGroup
 from eval.metrics import count_pairs, hpsv2_accuracy, imagereward_accuracy, pairwise_accuracy
-from grpo.config import EvalConfig, load_config
 
 # torch, transformers and the scoring code (eval.score) are imported where they are used, so that
 # --help and the data checks answer in a second instead of after the ~5 s it takes to import them.
@@ -283,7 +283,7 @@ def summary_markdown(report: dict) -> str:
 def rating_scale(cfg, method: str, scale: str | None) -> tuple[tuple[int, ...] | None, str]:
     """The rating scale and where it came from: ``--scale``, else the checkpoint's ``task.json``,
     else the configured ``data.rating_min``–``rating_max`` (ImageRewardDB only)."""
-    from grpo.manifest import saved_scale
+    from common.manifest import saved_scale
 
     if scale:
         from eval.rank import parse_scale

@@ -33,13 +33,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from data.errors import DataError, user_errors_exit
+from common.errors import DataError, user_errors_exit
+from common.manifest import check_model_source, load_errors_as_checkpoint_error, saved_scale
 from data.images import BadImageError, normalize_image
 from data.prompts import parse_completion
 from data.sets import prompt_problem
 from data.types import ImageRef
 from eval.score import METHODS, GroupResult, ScoringSpec, score_groups, seeded
-from grpo.manifest import check_model_source, load_errors_as_checkpoint_error, saved_scale
 from models.qwen_vl import (
     DEFAULT_MAX_PIXELS,
     image_token_count,

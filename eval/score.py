@@ -49,8 +49,9 @@ from eval.pairwise import (
     round_robin_comparisons,
     round_robin_scores,
 )
-from models.prefix import kv_cache_available, sample_shared_first_image
-from models.qwen_vl import build_inputs, render_prompt, repeat_inputs, sample_completions
+from models.kv_cache import kv_cache_available
+from models.qwen_vl import build_inputs, render_prompt, repeat_inputs
+from models.sampling import sample_completions, sample_shared_first_image
 from models.soft_head import soft_scores
 
 METHODS = ("rating", "anchor", "round-robin")
@@ -81,7 +82,7 @@ class ScoringSpec:
     """Round robin: λ drawn virtual games per pair in the Bradley–Terry fit."""
     share_anchor: bool = True
     """Anchor method: prefill the instructions + anchor image once per group and reuse that KV
-    cache for its N − 1 comparisons (``models.prefix.sample_shared_first_image``). Same samples
+    cache for its N − 1 comparisons (``models.sampling.sample_shared_first_image``). Same samples
     for the same seed; only the cost changes."""
 
     def __post_init__(self) -> None:

@@ -80,7 +80,7 @@ def median(xs: list[float]) -> float:
 
 def workload_config(out: Path, workload: str = "small", **overrides):
     """The workload's YAML pointed at the model and data under ``out``, with overrides."""
-    from grpo.config import load_config
+    from common.config import load_config
 
     yaml, model_dir, data_dir = WORKLOADS[workload]
     items = [f"model.name_or_path={out / model_dir}", f"data.root={out / data_dir}"]
@@ -95,7 +95,7 @@ def force_length(cfg) -> None:
     import functools
 
     import grpo.train
-    from models.qwen_vl import sample_completions
+    from models.sampling import sample_completions
 
     grpo.train.sample_completions = functools.partial(
         sample_completions, min_new_tokens=cfg.grpo.max_new_tokens
@@ -307,7 +307,8 @@ def worker_lm_head(a) -> dict:
 
     from grpo.policy import build_policy
     from grpo.rollout import encode_samples
-    from models.qwen_vl import repeat_inputs, selective_log_softmax
+    from models.logprobs import selective_log_softmax
+    from models.qwen_vl import repeat_inputs
 
     cfg = workload_config(a.out)
     torch.manual_seed(0)
@@ -355,11 +356,11 @@ def worker_eval(a) -> dict:
     """Evaluation throughput (images/s): soft rating (ImageRewardDB layout) and anchor ranking of N = 9."""
     import torch
 
+    from common.config import EvalConfig
     from data.hpdv2 import read_eval as read_hpdv2_eval
     from data.imagereward import read_eval as read_ir_eval
     from data.imagereward import read_train as read_ir_train
     from eval.evaluate import evaluate
-    from grpo.config import EvalConfig
     from models.qwen_vl import load_policy
 
     cfg = workload_config(a.out)

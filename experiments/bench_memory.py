@@ -16,8 +16,8 @@ import time
 import torch
 from PIL import Image
 
+from common.config import load_config
 from data.prompts import messages_for
-from grpo.config import load_config
 from grpo.rollout import RolloutBuffer
 from grpo.train import update_pass
 from models.qwen_vl import build_inputs, load_policy, render_prompt

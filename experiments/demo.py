@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from common.config import EvalConfig, load_config  # noqa: E402
 from data.hpdv2 import read_eval as read_hpdv2_eval  # noqa: E402
 from data.hpdv2 import read_train as read_hpdv2_train  # noqa: E402
 from data.imagereward import read_eval as read_ir_eval  # noqa: E402
@@ -61,7 +62,6 @@ from data.synthetic import COLOURS, colour_mapping, write_hpdv2, write_imagerewa
 from eval.evaluate import evaluate  # noqa: E402
 from eval.metrics import hpsv2_accuracy  # noqa: E402
 from grpo.coldstart import ANSWER_MODES, Taste, cold_start  # noqa: E402
-from grpo.config import EvalConfig, load_config  # noqa: E402
 from grpo.train import train  # noqa: E402
 from models.qwen_vl import load_policy  # noqa: E402
 from models.tiny import build_tiny  # noqa: E402

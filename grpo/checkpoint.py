@@ -48,9 +48,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from data.errors import CheckpointError
-from grpo.config import Config, save_config
-from grpo.manifest import LOAD_ERRORS, reason, verify_checkpoint, write_manifest, write_task
+from common.config import Config, save_config
+from common.errors import CheckpointError
+from common.manifest import LOAD_ERRORS, reason, verify_checkpoint, write_manifest, write_task
 from models.qwen_vl import save_processor
 
 _NAME = re.compile(r"checkpoint-(\d+)")

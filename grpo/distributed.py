@@ -39,8 +39,8 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from grpo.config import Config, ConfigError
-from models.soft_head import unwrap
+from common.config import Config, ConfigError
+from models.qwen_vl import unwrap
 
 
 def compute_in_bf16(cfg: Config) -> bool:

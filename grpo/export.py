@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from data.errors import CheckpointError, user_errors_exit
-from grpo.manifest import check_model_source, load_errors_as_checkpoint_error
+from common.errors import CheckpointError, user_errors_exit
+from common.manifest import check_model_source, load_errors_as_checkpoint_error
 
 
 def consolidate_weights(ckpt: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:

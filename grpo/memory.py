@@ -54,8 +54,8 @@ from pathlib import Path
 
 import torch
 
-from data.errors import user_errors_exit
-from grpo.config import LANGUAGE_LORA_TARGET, VISION_LORA_TARGET, Config, ConfigError, load_config
+from common.config import LANGUAGE_LORA_TARGET, VISION_LORA_TARGET, Config, ConfigError, load_config
+from common.errors import user_errors_exit
 
 GiB = 1024**3
 RESERVE = 0.10  # of the GPU: CUDA context, fragmentation, communication buffers

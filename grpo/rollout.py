@@ -29,7 +29,8 @@ from PIL import Image
 
 from data.prompts import messages_for
 from data.types import TrainSample
-from models.qwen_vl import build_inputs, completion_logprobs, render_prompt, select_rows
+from models.logprobs import completion_logprobs
+from models.qwen_vl import build_inputs, render_prompt, select_rows
 
 
 @dataclass

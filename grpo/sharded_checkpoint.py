@@ -31,11 +31,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from common.config import Config
+from common.manifest import write_manifest
 from grpo.checkpoint import commit, failed_save_is_one_line, restore_rngs, write_trainer_state
-from grpo.config import Config
-from grpo.manifest import write_manifest
-from models.qwen_vl import save_processor
-from models.soft_head import unwrap
+from models.qwen_vl import save_processor, unwrap
 
 MODEL_SHARDS, OPTIMIZER_SHARDS = "model_shards", "optimizer_shards"
 

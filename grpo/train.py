@@ -37,13 +37,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data.errors import CheckpointError, DataError, user_errors_exit
+from common.config import Config, load_config, save_config
+from common.errors import CheckpointError, DataError, user_errors_exit
+from common.manifest import check_model_source, check_same_task, load_errors_as_checkpoint_error, task_record
 from data.images import BadImageError
 from data.prompts import answer_values
 from data.sets import drop_long_prompts
 from grpo.advantages import group_advantages, group_stats
 from grpo.checkpoint import load_trainer_state, resolve_resume, save_checkpoint, trim_logs
-from grpo.config import Config, load_config, save_config
 from grpo.distributed import (
     check_supported,
     clip_grad_norm,
@@ -54,13 +55,13 @@ from grpo.distributed import (
     weight_checksum,
 )
 from grpo.loss import grpo_loss
-from grpo.manifest import check_model_source, check_same_task, load_errors_as_checkpoint_error, task_record
 from grpo.policy import build_policy, reference_logprobs
 from grpo.rewards import compute_rewards
 from grpo.rollout import RolloutBuffer, buffer_logprobs, encode_samples
 from grpo.sharded_checkpoint import is_sharded_checkpoint, load_sharded_trainer_state, save_sharded_checkpoint
-from models.qwen_vl import completion_logprobs, sample_completions
-from models.soft_head import unwrap
+from models.logprobs import completion_logprobs
+from models.qwen_vl import unwrap
+from models.sampling import sample_completions
 
 DATA_HELP = {
     "imagereward": "download THUDM/ImageRewardDB (metadata-*.parquet and images/{train,validation,test}/*.zip) "

@@ -34,7 +34,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from models.kv_cache import cache_kept_under_checkpointing, decode, prefill_shared
-from models.loading import select_rows, unwrap, vision_token_ids
+from models.qwen_vl import select_rows, unwrap, vision_token_ids
 
 # float32 logits of one chunk of positions: 64 MiB is 110 positions at V = 152,064 (the whole batch
 # at the tiny model's V = 896). Larger chunks gain little: the LM head's matrix product is already

@@ -16,7 +16,7 @@ the vision special tokens (a random model may sample ``<|image_pad|>``, and the 
 fails) and uses ``top_k=0, top_p=1.0`` so that the distribution we sample from is the one we
 score; the checkpoint's ``generation_config.json`` is hidden from ``generate``.
 
-Shapes as in ``models.loading``; ``N = B·G`` completions, ``T`` completion tokens.
+Shapes as in ``models.qwen_vl``; ``N = B·G`` completions, ``T`` completion tokens.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from transformers import GenerationConfig
 from transformers.cache_utils import Cache
 
 from models.kv_cache import GrowingLayer, decode, prefill_prompts, rope_positions
-from models.loading import image_counts, unwrap, vision_token_ids
+from models.qwen_vl import image_counts, unwrap, vision_token_ids
 
 
 @dataclass

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from data.prompts import ANSWER_OPEN, THINK_CLOSE, parse_completion
-from models.loading import select_rows, unwrap
+from models.qwen_vl import select_rows, unwrap
 
 
 def expected_rating(logits: torch.Tensor, rating_token_ids, rating_values) -> torch.Tensor:

@@ -212,7 +212,7 @@ def build_config(tok: Qwen2Tokenizer, preset: str = "tiny") -> Qwen2_5_VLConfig:
 
 def build_tiny(out_dir: str | Path, seed: int = 0, preset: str = "tiny") -> Path:
     """Write a loadable tiny Qwen2.5-VL folder to ``out_dir`` and return its path."""
-    from models.loading import ImageOnlyQwenVLProcessor, save_processor
+    from models.qwen_vl import ImageOnlyQwenVLProcessor, save_processor
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

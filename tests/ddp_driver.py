@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 
 import grpo.train as loop
 import models.logprobs
-from grpo.config import load_config
+from common.config import load_config
 from grpo.distributed import prepare
 from grpo.policy import build_policy
 

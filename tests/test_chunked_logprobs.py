@@ -9,7 +9,6 @@ import torch
 from test_models import MIXED, ONE, TWO, _batch
 
 import models.logprobs
-from models.loading import load_policy, repeat_inputs
 from models.logprobs import (
     _module_logprobs,
     completion_logits,
@@ -17,6 +16,7 @@ from models.logprobs import (
     selective_log_softmax,
     token_logprobs,
 )
+from models.qwen_vl import load_policy, repeat_inputs
 
 
 def _completions(N: int, T: int, vocab: int, seed: int):

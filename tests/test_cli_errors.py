@@ -291,10 +291,10 @@ def test_train_on_undecodable_images_is_one_line(tmp_path, synthetic_ir, tiny_di
 
 
 def test_evaluate_with_no_decodable_image_is_a_data_error(tiny, tmp_path):
-    from data.errors import DataError
+    from common.config import EvalConfig
+    from common.errors import DataError
     from data.types import EvalGroup, ImageRef
     from eval.evaluate import evaluate
-    from grpo.config import EvalConfig
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grpo.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 from grpo.train import check_data_folder
 from grpo.train import main as train_main
 

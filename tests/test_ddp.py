@@ -22,7 +22,7 @@ import torch
 from ddp_driver import one_process_update
 from safetensors.torch import load_file
 
-from grpo.config import load_config
+from common.config import load_config
 from grpo.train import SampleStream, read_train_set
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import torch
 from conftest import solid
 from safetensors.torch import load_file
 
-from grpo.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 
 pytestmark = pytest.mark.slow
 

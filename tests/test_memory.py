@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from grpo.config import load_config
+from common.config import load_config
 from grpo.memory import GiB, main, model_shape, plan
 
 # Run in a fresh process: training's peak RSS minus the RSS just before the model is built, next to
@@ -19,7 +19,7 @@ MEASURE = r"""
 import gc, json, re, sys
 import torch
 torch.set_num_threads(1)
-from grpo.config import load_config
+from common.config import load_config
 from grpo.memory import model_shape, plan
 from grpo.rollout import encode_samples
 from grpo.train import read_train_set, train

@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_train import tiny_config, weights
 
-from grpo.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 from grpo.policy import build_policy
 from grpo.train import train
 

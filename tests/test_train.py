@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from grpo.config import load_config
+from common.config import load_config
 from grpo.rollout import encode_samples
 from grpo.train import SampleStream, lr_at, train
 from models.qwen_vl import load_policy

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from data.errors import UserError
+from common.errors import UserError
 
 # LoRA targets: the language model's projections only (the vision blocks also have gate/up/down).
 LANGUAGE_LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"

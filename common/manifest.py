@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 from safetensors import SafetensorError, safe_open
 
-from data.errors import CheckpointError, one_line
+from common.errors import CheckpointError, one_line
 
 MANIFEST = "manifest.json"
 TASK_FILE = "task.json"
