@@ -17,7 +17,7 @@ $(STAMP): requirements.lock setup.py
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps -e .
-	@! $(PY) -c "import torchvision" 2>/dev/null || (echo "torchvision must not be installed beside torch 2.13.0 (DESIGN §8)"; exit 1)
+	@! $(PY) -c "import torchvision" 2>/dev/null || (echo "torchvision must not be installed beside torch 2.13.0 (docs/facts.md)"; exit 1)
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the pinned dependencies (idempotent)
@@ -26,7 +26,7 @@ install: $(STAMP)  ## create .venv and install the pinned dependencies (idempote
 # anything else; tests/test_bench.py needs it, so `make test` installs it rather than skip that test.
 $(BENCH): $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
-	@! $(PY) -c "import torchvision" 2>/dev/null || (echo "torchvision must not be installed beside torch 2.13.0 (DESIGN §8)"; exit 1)
+	@! $(PY) -c "import torchvision" 2>/dev/null || (echo "torchvision must not be installed beside torch 2.13.0 (docs/facts.md)"; exit 1)
 	touch $(BENCH)
 
 test: $(STAMP) $(BENCH)  ## run the whole test suite (CPU, offline); the fast part alone: .venv/bin/python -m pytest -m "not slow"

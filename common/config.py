@@ -143,7 +143,7 @@ class TrainConfig:
     device: str = "auto"
     """cpu | cuda | auto (cuda when available)."""
     strategy: str = "ddp"
-    """How ranks under torchrun hold the model (grpo.distributed): ddp (every rank a full copy of
+    """How ranks under torchrun hold the model (grpo.run.distributed): ddp (every rank a full copy of
     weights, gradients, Adam moments and reference; for models whose 16 B per trainable parameter
     fit one GPU, and LoRA) | fsdp (FSDP2: weights, gradients, moments and reference sharded over
     the ranks, each decoder layer and vision block its own unit; for full fine-tuning of the 7B
@@ -192,6 +192,16 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def eval_root(self) -> str:
+        """The evaluation dataset folder: ``eval.root``, else ``data.root``."""
+        return self.eval.root or self.data.root
+
+    @property
+    def eval_max_new_tokens(self) -> int:
+        """Completion length at evaluation: ``eval.max_new_tokens``, else ``grpo.max_new_tokens``."""
+        return self.eval.max_new_tokens or self.grpo.max_new_tokens
 
     def validate(self) -> None:
         g, t = self.grpo, self.train

@@ -1,4 +1,4 @@
-"""Reader for a local HPDv2 folder (HF ``ymhao/HPDv2``), as published (DESIGN §6).
+"""Reader for a local HPDv2 folder (HF ``ymhao/HPDv2``), as published (docs/data-and-metrics.md).
 
 Layout::
 

@@ -1,14 +1,17 @@
 """Scoring images with a reasoning judge: soft and hard scores, anchor ranking, Mean@k.
 
 A *request* is one question to the model: a rating of one image, or a comparison of two images
-of the same prompt. Each request is answered by ``k`` reasoning rollouts sampled in one batched
-``generate`` (``sample_completions(group_size=k)``), and every rollout gets two scores:
+of the same prompt. Each request is answered by ``k`` reasoning rollouts
+(``sample_completions(group_size=k)``: the request is prefilled once and our own sampling loop
+continues it k times; plain ``generate`` only where no KV cache is available), and every rollout
+gets two scores:
 
 - **soft** (arXiv 2503.19948 §3, ``models.soft_head.soft_scores``): the expectation of the
   answer under the model's answer-token distribution, read at the answer position after the
   model's own reasoning: ``E[r | C] = Σ_i r_i p(r_i | C)`` over the rating scale, or
   ``p(1 | C) = e^{f(1)} / (e^{f(0)} + e^{f(1)})`` for a pair (the second image is better). A
-  rollout without a usable answer is still scored, after appending ``</think><answer>``.
+  rollout without a usable answer is still scored, after appending ``</think><answer>``. The
+  answer logits are read at τ = 1 whatever ``temperature`` sampled the rollout.
 - **hard**: the answer the rollout actually wrote (``data.prompts.parse_completion``). A rollout
   without a well-formed answer gets ``min(scale) − 1`` for a rating, so that it ranks below every
   valid answer, and ``0.5`` for a pair, i.e. "no preference" (the anchor's own score).

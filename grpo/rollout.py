@@ -1,8 +1,9 @@
 """Group sampling and the rollout buffer.
 
-One GRPO step samples ``G`` completions for each of ``B`` prompts with a single batched
-``generate`` call, scores them, and keeps everything the update passes need in a
-``RolloutBuffer``:
+One GRPO step samples ``G`` completions for each of ``B`` prompts
+(``models.sampling.sample_completions``: by default, ``grpo.share_prefix``, each prompt is
+prefilled once and our own loop samples its G continuations), scores them, and keeps everything
+the update passes need in a ``RolloutBuffer``:
 
 | field          | shape   | meaning |
 |----------------|---------|---------|

@@ -10,7 +10,7 @@ first: ``pixel_values (P, C·tp·14·14)`` holds the patches of every image of t
 back, and ``image_grid_thw (I, 3)`` has one ``(t, h, w)`` row per image, in prompt order; image
 ``i`` owns ``t·h·w`` patch rows and ``t·h·w / merge²`` ``<|image_pad|>`` tokens.
 
-Facts this module relies on (DESIGN §8, measured with transformers 5.23):
+Facts this module relies on (docs/facts.md, measured with transformers 5.23):
 - ``Qwen2_5_VLProcessor`` / ``AutoProcessor`` need torchvision for the video processor, so we
   use an image-only subclass and save it under the standard class name.
 - ``mm_token_type_ids`` (1 on image tokens) must reach every forward: without it transformers
@@ -131,6 +131,13 @@ def load_policy(
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, **kwargs).to(device)
     processor = load_processor(name_or_path, **hub_kwargs)
     return model, processor
+
+
+def resolve_device(name: str) -> str:
+    """``train.device``: ``auto`` is ``cuda`` where a GPU is visible, else ``cpu``; any other name as given."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 # 512 · 28 · 28: at most 512 image tokens per image, the cap of the shipped experiments. The real

@@ -11,7 +11,7 @@
 - ``sample_shared_first_image``: pair requests that open with the same prompt and first image
   (anchor ranking) share the prefill of that opening.
 
-Facts this module relies on (DESIGN §8, measured with transformers 5.23): sampling suppresses
+Facts this module relies on (docs/facts.md, measured with transformers 5.23): sampling suppresses
 the vision special tokens (a random model may sample ``<|image_pad|>``, and the re-forward then
 fails) and uses ``top_k=0, top_p=1.0`` so that the distribution we sample from is the one we
 score; the checkpoint's ``generation_config.json`` is hidden from ``generate``.

@@ -13,6 +13,10 @@ answer there still gets a defined score: its text up to ``</think>`` (or all of 
 by ``</think><answer>`` and the logits are read at the end of that (one extra forward, for
 those rows only).
 
+Soft scores are read at τ = 1 whatever temperature sampled the reasoning: ``logits_at`` returns
+the LM head's raw logits and nothing here divides them. The temperature shapes which reasoning
+``C`` is written; the answer distribution given ``C`` is the model's own.
+
 Shapes: ``N`` completions, ``L`` prompt tokens, ``T`` completion tokens, ``V`` vocabulary, ``H`` hidden.
 """
 

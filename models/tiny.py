@@ -13,7 +13,7 @@ whose folder looks exactly like a real checkpoint:
   saved under the standard ``Qwen2_5_VLProcessor`` class name, so that plain
   ``AutoProcessor.from_pretrained`` also loads the folder where torchvision is installed.
 
-Presets (DESIGN §8): ``tiny`` (text hidden 128 × 2 layers, vision 64 × 2 blocks, ~1.0M
+Presets (what each can learn: docs/facts.md): ``tiny`` (text hidden 128 × 2 layers, vision 64 × 2 blocks, ~1.0M
 parameters), ``tiny-pairs`` (tiny's language model, small's vision tower, ~2.3M; the demo's pairwise
 run, see ``PRESETS``) and ``small`` (text 256 × 4, vision 128 × 4, ~6M) for benchmarks and the
 prompt-conditioned task. The same seed gives byte-identical weights and tokenizer files.
@@ -82,7 +82,7 @@ PRESETS = {
     # tiny's language model with small's vision tower. Supervised on pairs alone (300 steps, the
     # true labels), tiny's answer stays the same for every pair (pair accuracy 0.49), and so it does
     # with 4 text layers (0.49) or a vision tower of 128 × 2 (0.49); with 128 × 4 it compares the
-    # two images (0.99, 25% more time per step; text 256 wide also does, 0.98, at 80% more). Issue 14.
+    # two images (0.99, 25% more time per step; text 256 wide also does, 0.98, at 80% more).
     "tiny-pairs": dict(text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_ffn=512,
                        vision_hidden=128, vision_layers=4, vision_heads=4, vision_ffn=512, mrope_section=[4, 6, 6]),
     "small": dict(text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2, text_ffn=1024,

@@ -25,8 +25,8 @@ from data.synthetic import write_hpdv2
 from eval.evaluate import main as evaluate_main
 from eval.rank import PreferenceScorer
 from eval.rank import main as rank_main
-from grpo.checkpoint import write_task
 from grpo.coldstart import main as coldstart_main
+from grpo.run.checkpoint import write_task
 from grpo.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]

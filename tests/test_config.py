@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from common.config import ConfigError, load_config
-from grpo.train import check_data_folder
+from grpo.run.stream import check_data_folder
 from grpo.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]

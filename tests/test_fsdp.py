@@ -130,7 +130,7 @@ def test_export_of_a_sharded_checkpoint_loads_and_scores(runs, synthetic_ir, tmp
 
 
 def test_lora_under_fsdp_is_refused_with_a_reason():
-    from grpo.distributed import check_supported
+    from grpo.run.distributed import check_supported
 
     cfg = load_config("experiments/tiny.yaml", ["train.strategy=fsdp", "model.lora_rank=8"])
     with pytest.raises(ConfigError, match="use train.strategy=ddp"):

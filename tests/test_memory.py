@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from common.config import load_config
-from grpo.memory import GiB, main, model_shape, plan
+from grpo.memory import main
+from grpo.run.memory_plan import GiB, model_shape, plan
 
 # Run in a fresh process: training's peak RSS minus the RSS just before the model is built, next to
 # the plan for the same config and the prompt length the data really has. The peak is the process's
@@ -20,9 +21,10 @@ import gc, json, re, sys
 import torch
 torch.set_num_threads(1)
 from common.config import load_config
-from grpo.memory import model_shape, plan
+from grpo.run.memory_plan import model_shape, plan
 from grpo.rollout import encode_samples
-from grpo.train import read_train_set, train
+from data.read import read_train_set
+from grpo.train import train
 from models.qwen_vl import load_processor
 
 cfg = load_config("experiments/tiny.yaml", sys.argv[1:])

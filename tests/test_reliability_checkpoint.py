@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from common.config import load_config
 from common.errors import CheckpointError
 from common.manifest import MANIFEST, check_model_source, read_task, verify_checkpoint, write_manifest
-from grpo.checkpoint import checkpoint_dirs, load_trainer_state, resolve_resume, trim_logs
+from grpo.run.checkpoint import checkpoint_dirs, load_trainer_state, resolve_resume, trim_logs
 from grpo.train import train
 
 STEPS = 3

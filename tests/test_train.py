@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from common.config import load_config
 from grpo.rollout import encode_samples
-from grpo.train import SampleStream, lr_at, train
+from grpo.run.stream import SampleStream
+from grpo.train import lr_at, train
 from models.qwen_vl import load_policy
 
 REQUIRED_METRICS = {

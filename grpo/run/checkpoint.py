@@ -20,7 +20,7 @@ destroys the previous checkpoint; only the newest ``keep_last`` are kept (older 
 renamed away before they are deleted, so a kill during pruning leaves no half folder behind a
 checkpoint name).
 
-**Damage** (issue 15): a disk that filled up, an interrupted copy or a deleted file leaves a
+**Damage**: a disk that filled up, an interrupted copy or a deleted file leaves a
 folder whose files do not match its manifest. ``verify_checkpoint`` finds this (every file's
 size and sha256, or, for a folder without a manifest such as a downloaded model, that every
 safetensors and JSON file parses) and raises ``CheckpointError`` naming the file.
