@@ -24,7 +24,6 @@ minibatch holds the whole batch.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -48,7 +47,7 @@ from grpo.loss import grpo_loss
 from grpo.policy import build_policy, reference_logprobs
 from grpo.rewards import compute_rewards
 from grpo.rollout import RolloutBuffer, buffer_logprobs, encode_samples
-from grpo.run.checkpoint import load_trainer_state, resolve_resume, save_checkpoint, trim_logs
+from grpo.run.checkpoint import load_trainer_state, log_step, resolve_resume, save_checkpoint, trim_logs
 from grpo.run.distributed import (
     average_across_ranks,
     check_supported,
@@ -108,9 +107,13 @@ def autocast(cfg: Config, device: torch.device):
 
 
 def grpo_step(
-    policy, train_model, reference, processor, optimizer, samples, images, rating_values, cfg, device
-):
-    """One GRPO step on B samples; returns the filled rollout buffer and the step's metrics."""
+    policy, train_model, reference, processor, optimizer, samples, images, rating_values, cfg, device,
+    min_new_tokens: int = 0,
+):  # fmt: skip
+    """One GRPO step on B samples; returns the filled rollout buffer and the step's metrics.
+
+    ``min_new_tokens`` > 0 holds back every completion's end (the benchmark's fixed lengths).
+    """
     g, task = cfg.grpo, samples[0].task
     B, G = len(samples), g.group_size
     valid = answer_values(task, rating_values or ())
@@ -122,7 +125,7 @@ def grpo_step(
         policy.eval()
         with gathered(policy):  # FSDP: the whole policy once per rollout, not once per token
             comp = sample_completions(policy, processor, inputs, G, g.max_new_tokens, g.temperature,
-                                      share_prefix=g.share_prefix)  # fmt: skip
+                                      min_new_tokens=min_new_tokens, share_prefix=g.share_prefix)  # fmt: skip
     buf = RolloutBuffer(inputs, G, comp.ids_NT, comp.mask_NT, comp.texts, comp.truncated_N, samples,
                         share_prefix=g.share_prefix)  # fmt: skip
 
@@ -310,18 +313,6 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def log_step(out: Path, metrics: dict, buf: RolloutBuffer, n_completions: int) -> None:
-    with open(out / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps(metrics) + "\n")
-    with open(out / "completions.jsonl", "a") as fh:
-        for n in range(min(n_completions, buf.num_completions)):
-            sample = buf.samples[n // buf.group_size]
-            row = {"step": metrics["step"], "sample_id": sample.sample_id, "target": sample.target,
-                   "text": buf.texts[n], "reward": float(buf.rewards_N[n]),
-                   **{k: float(v[n]) for k, v in buf.components.items()}}  # fmt: skip
-            fh.write(json.dumps(row) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -232,10 +232,14 @@ def select_rows(inputs: dict[str, torch.Tensor], rows: torch.Tensor | list[int])
     return out
 
 
+def group_rows(B: int, group_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The prompt of each of ``N = B·G`` completions: row ``n`` belongs to prompt ``n // G``, ``(N,)``."""
+    return torch.arange(B, device=device).repeat_interleave(group_size)  # (N,)
+
+
 def repeat_inputs(inputs: dict[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
     """Repeat a batch of B prompts G times each: rows ``b·G … b·G+G−1`` are prompt ``b``."""
-    B = inputs["input_ids"].shape[0]
-    return select_rows(inputs, torch.arange(B).repeat_interleave(group_size))
+    return select_rows(inputs, group_rows(inputs["input_ids"].shape[0], group_size))
 
 
 def image_counts(inputs: dict[str, torch.Tensor]) -> list[int]:

@@ -31,7 +31,7 @@ from transformers import GenerationConfig
 from transformers.cache_utils import Cache
 
 from models.kv_cache import GrowingLayer, decode, prefill_prompts, rope_positions
-from models.qwen_vl import image_counts, unwrap, vision_token_ids
+from models.qwen_vl import group_rows, image_counts, unwrap, vision_token_ids
 
 
 @dataclass
@@ -202,7 +202,7 @@ def sample_shared_prefix(
     ``return_scores`` returns the raw logits of each step, ``(N, T, V)``.
     """
     B = inputs["input_ids"].shape[0]
-    rows_N = torch.arange(B, device=inputs["input_ids"].device).repeat_interleave(group_size)  # n → n // G
+    rows_N = group_rows(B, group_size, inputs["input_ids"].device)  # (N,)
     kv, logits_BV, next_B = prefill_prompts(model, inputs)
     return _sample_from_cache(model, processor, kv, rows_N, logits_BV, inputs["attention_mask"], next_B,
                               max_new_tokens, temperature, min_new_tokens, return_scores, draw)  # fmt: skip
@@ -373,7 +373,7 @@ def sample_shared_first_image(
     logits_BV = out.logits[:, -1]
 
     # 3. G completions per prompt row.
-    rows_N = torch.arange(B, device=device).repeat_interleave(group_size)  # completion n → prompt n // G
+    rows_N = group_rows(B, group_size, device)  # (N,)
     kv = [(layer.keys, layer.values) for layer in cache.layers]  # (B, kv_heads, Lp + Ls, d)
     return _sample_from_cache(model, processor, kv, rows_N, logits_BV, attention_mask, next_B, max_new_tokens,
                               temperature, min_new_tokens, return_scores, draw)  # fmt: skip

@@ -285,6 +285,21 @@ def trim_logs(out_dir: str | Path, step: int) -> None:
             os.replace(tmp, path)
 
 
+def log_step(out: Path, metrics: dict, buf, n_completions: int) -> None:
+    """Append the step's metrics to ``metrics.jsonl`` and its first ``n_completions`` completions
+    (of the ``grpo.rollout.RolloutBuffer``) with their rewards to ``completions.jsonl``."""
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps(metrics) + "\n")
+    prompt_rows_N = buf.prompt_rows_N.tolist()
+    with open(out / "completions.jsonl", "a") as fh:
+        for n in range(min(n_completions, buf.num_completions)):
+            sample = buf.samples[prompt_rows_N[n]]
+            row = {"step": metrics["step"], "sample_id": sample.sample_id, "target": sample.target,
+                   "text": buf.texts[n], "reward": float(buf.rewards_N[n]),
+                   **{k: float(v[n]) for k, v in buf.components.items()}}  # fmt: skip
+            fh.write(json.dumps(row) + "\n")
+
+
 def _save_merged(policy, out: Path) -> None:
     """Save base + LoRA merged into plain weights, leaving the training model untouched."""
     import copy
