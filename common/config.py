@@ -24,6 +24,22 @@ LANGUAGE_LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_p
 VISION_LORA_TARGET = r".*visual\.blocks.*\.(qkv|proj|gate_proj|up_proj|down_proj)"
 
 
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How completions are sampled: the one home of the sampling defaults, built from the config
+    (``GRPOConfig.sampling``; evaluation: ``eval.score.ScoringSpec.sampling``) and passed down. The
+    functions of ``models`` take its fields as plain numbers, and default to these values."""
+
+    max_new_tokens: int = 256
+    """Completion length limit in tokens."""
+    temperature: float = 1.0
+    """τ: tokens are drawn from softmax(logits / τ), and GRPO's log-probs are taken at the same τ.
+    Soft scores are read at τ = 1 whatever τ sampled the reasoning (``models.soft_head``)."""
+    share_prefix: bool = True
+    """Prefill each prompt and its images once and continue it G times with our own sampling loop
+    (``models.sampling.sample_shared_prefix``); off: ``generate`` with every prompt repeated G times."""
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -93,9 +109,9 @@ class GRPOConfig:
     """G: completions sampled per prompt; advantages are normalised within each group."""
     prompts_per_step: int = 8
     """B: prompts per step and per process (each step trains on N = B·G completions)."""
-    max_new_tokens: int = 256
+    max_new_tokens: int = SamplingSpec.max_new_tokens
     """Completion length limit in tokens."""
-    temperature: float = 1.0
+    temperature: float = SamplingSpec.temperature
     """Sampling temperature; log-probs are computed at the same temperature."""
     clip_eps: float = 0.2
     """ε: the ratio π_θ/π_θold is clipped to [1−ε, 1+ε]."""
@@ -112,11 +128,16 @@ class GRPOConfig:
     """Loss aggregation: seq-mean (per completion, then mean) | token-mean."""
     reward_weights: dict[str, float] = field(default_factory=dict)
     """Weight of each reward component (format, exact, approx); missing ones weigh 1."""
-    share_prefix: bool = True
+    share_prefix: bool = SamplingSpec.share_prefix
     """Run each prompt and its images through the model once per group, not G times: sampling
     prefills it once and its G completions share the KV cache, and the log-prob passes attend
     the completions to one prompt forward. Same values and gradients (to float rounding); off
     repeats every prompt G times, as ``generate(num_return_sequences=G)`` does."""
+
+    @property
+    def sampling(self) -> SamplingSpec:
+        """The rollouts' sampling spec."""
+        return SamplingSpec(self.max_new_tokens, self.temperature, self.share_prefix)
 
 
 @dataclass
@@ -175,7 +196,7 @@ class EvalConfig:
     """Mean@k: soft scores averaged over k reasoning rollouts."""
     max_new_tokens: int = 0
     """Completion length at evaluation (0 = grpo.max_new_tokens)."""
-    temperature: float = 1.0
+    temperature: float = SamplingSpec.temperature
     """Sampling temperature of the evaluation rollouts."""
     method: str = "auto"
     """auto (rating for imagereward, anchor for hpdv2) | rating | anchor."""

@@ -61,6 +61,7 @@ from data.images import BadImageError
 from data.read import EVAL_HELP, read_eval_set
 from data.types import EvalGroup
 from eval.metrics import count_pairs, hpsv2_accuracy, imagereward_accuracy, pairwise_accuracy
+from eval.scale import parse_scale, rating_scale
 
 # torch, transformers and the scoring code (eval.score) are imported where they are used, so that
 # --help and the data checks answer in a second instead of after the ~5 s it takes to import them.
@@ -274,26 +275,20 @@ def summary_markdown(report: dict) -> str:
 # ----------------------------------------------------------------------------------- the CLI
 
 
-def rating_scale(cfg, method: str, scale: str | None) -> tuple[tuple[int, ...] | None, str]:
-    """The rating scale and where it came from: ``--scale``, else the checkpoint's ``task.json``,
-    else the configured ``data.rating_min``–``rating_max`` (ImageRewardDB only)."""
-    from common.manifest import saved_scale
-
-    if scale:
-        from eval.rank import parse_scale
-
-        return parse_scale(scale), "--scale"
-    if method != "rating":
+def scale_for(cfg, method: str, given: str | None) -> tuple[tuple[int, ...] | None, str]:
+    """The rating scale (``eval.scale.rating_scale``) and where it came from; ``None`` for the
+    pairwise methods unless ``--scale`` is given."""
+    if not given and method != "rating":
         return None, ""
-    saved, source = saved_scale(cfg.model.name_or_path)
-    if saved:
-        if cfg.data.kind == "imagereward" and saved != cfg.data.rating_values:
-            print(f"note: {source} gives scale {saved}, not the configured {cfg.data.rating_values}; using "
-                  f"the checkpoint's", file=sys.stderr)  # fmt: skip
-        return saved, source
-    if cfg.data.kind != "imagereward":
+    configured = cfg.data.rating_values if cfg.data.kind == "imagereward" else None
+    scale, source = rating_scale(cfg.model.name_or_path, parse_scale(given) if given else None, configured,
+                                 "data.rating_min/rating_max")  # fmt: skip
+    if scale is None:
         raise ValueError("method rating on HPDv2 needs a rating scale: pass --scale 1-7")
-    return cfg.data.rating_values, "data.rating_min/rating_max"
+    if configured and not given and scale != configured:
+        print(f"note: {source} gives scale {scale}, not the configured {configured}; using the checkpoint's",
+              file=sys.stderr)  # fmt: skip
+    return scale, source
 
 
 def read_groups(cfg, scale: tuple[int, ...] | None = None) -> tuple[list[EvalGroup], Counter]:
@@ -343,7 +338,7 @@ def run(args, parser) -> None:
                        f"or point eval.root=... (or data.root=...) at it\n")  # fmt: skip
     try:
         method = resolve_method(args.method or cfg.eval.method, cfg.data.kind)
-        scale, scale_source = rating_scale(cfg, method, args.scale)
+        scale, scale_source = scale_for(cfg, method, args.scale)
         groups, read_skipped = read_groups(cfg, scale)
     except (ValueError, OSError) as e:
         parser.exit(2, f"error: {e}\n")

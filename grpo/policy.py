@@ -18,8 +18,8 @@ paper's lr 1e-6 is far below half the bfloat16 spacing of a typical weight (|w| 
 ≈ 1.2e-4), so stepping bfloat16 weights directly rounds ~98% of the updates away and trains
 nothing, silently (docs/facts.md). The cost: 4 bytes per trainable parameter for the weight, 4 for
 its gradient and 8 for Adam's two moments, 16 B in all, where pure bfloat16 takes 8 B (2 + 2 + 4:
-torch's AdamW keeps both moments in the weight's dtype); docs/real-runs.md gives the totals for the 7B. Checkpoints keep
-the float32 master weights, so resume is exact.
+torch's AdamW keeps both moments in the weight's dtype); docs/real-runs.md gives the totals for
+the 7B. Checkpoints keep the float32 master weights, so resume is exact.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ class RolloutBuffer:
     advantages_N: torch.Tensor | None = None
     old_logp_NT: torch.Tensor | None = None
     ref_logp_NT: torch.Tensor | None = None
-    share_prefix: bool = False  # minibatches hold each prompt once (see Minibatch.prompt_rows)
+    share_prefix: bool = False  # each prompt once per minibatch (Minibatch.prompt_rows); grpo_step passes it
 
     @property
     def num_completions(self) -> int:

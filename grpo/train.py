@@ -114,7 +114,7 @@ def grpo_step(
 
     ``min_new_tokens`` > 0 holds back every completion's end (the benchmark's fixed lengths).
     """
-    g, task = cfg.grpo, samples[0].task
+    g, s, task = cfg.grpo, cfg.grpo.sampling, samples[0].task
     B, G = len(samples), g.group_size
     valid = answer_values(task, rating_values or ())
     t = {}
@@ -124,10 +124,10 @@ def grpo_step(
         inputs = to_device(encode_samples(processor, samples, images, rating_values), device)
         policy.eval()
         with gathered(policy):  # FSDP: the whole policy once per rollout, not once per token
-            comp = sample_completions(policy, processor, inputs, G, g.max_new_tokens, g.temperature,
-                                      min_new_tokens=min_new_tokens, share_prefix=g.share_prefix)  # fmt: skip
+            comp = sample_completions(policy, processor, inputs, G, s.max_new_tokens, s.temperature,
+                                      min_new_tokens=min_new_tokens, share_prefix=s.share_prefix)  # fmt: skip
     buf = RolloutBuffer(inputs, G, comp.ids_NT, comp.mask_NT, comp.texts, comp.truncated_N, samples,
-                        share_prefix=g.share_prefix)  # fmt: skip
+                        share_prefix=s.share_prefix)  # fmt: skip
 
     # 2. Rewards of every completion, and 3. group-normalised advantages.
     with timed(t, "score"):
@@ -140,9 +140,9 @@ def grpo_step(
     # 4. Log-probs without gradients: the frozen reference (β > 0) and the sampling policy (μ > 1).
     with timed(t, "reference"), autocast(cfg, device):
         if g.kl_coef > 0:
-            buf.ref_logp_NT = reference_logprobs(policy, reference, buf, g.minibatch_size, g.temperature)
+            buf.ref_logp_NT = reference_logprobs(policy, reference, buf, g.minibatch_size, s.temperature)
         if g.ppo_epochs > 1:
-            buf.old_logp_NT = buffer_logprobs(policy, buf, g.minibatch_size, g.temperature)
+            buf.old_logp_NT = buffer_logprobs(policy, buf, g.minibatch_size, s.temperature)
 
     # 5. μ passes of the clipped objective, one optimizer step each.
     with timed(t, "update"):
@@ -178,7 +178,7 @@ def update_pass(model, optimizer, buf: RolloutBuffer, cfg: Config, device) -> di
         weight = len(mb.rows) / buf.num_completions
         with sync, autocast(cfg, device):
             logp_NT = completion_logprobs(
-                model, mb.inputs, mb.ids_NT, mb.mask_NT, g.temperature, mb.prompt_rows
+                model, mb.inputs, mb.ids_NT, mb.mask_NT, g.sampling.temperature, mb.prompt_rows
             )
             loss, stats = grpo_loss(logp_NT, mb.old_logp_NT, mb.ref_logp_NT, mb.advantages_N, mb.mask_NT,
                                     g.clip_eps, g.kl_coef, g.kl_estimator, g.loss_agg)  # fmt: skip

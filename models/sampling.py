@@ -30,6 +30,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache
 
+from common.config import SamplingSpec
 from models.kv_cache import GrowingLayer, decode, prefill_prompts, rope_positions
 from models.qwen_vl import group_rows, image_counts, unwrap, vision_token_ids
 
@@ -46,6 +47,14 @@ class Completions:
     mask_NT: torch.Tensor
     texts: list[str]
     truncated_N: torch.Tensor  # True where the completion hit max_new_tokens without ending
+
+
+def at_temperature(logits: torch.Tensor, temperature: float, in_place: bool = False) -> torch.Tensor:
+    """``logits / τ``: the one place the temperature enters a distribution, for sampling and for the
+    log-probs that score what was sampled. τ = 1 leaves the logits as they are."""
+    if temperature == 1.0:
+        return logits
+    return logits.div_(temperature) if in_place else logits / temperature
 
 
 def sampling_config(model, processor, max_new_tokens: int, temperature: float, min_new_tokens: int = 0):
@@ -133,7 +142,7 @@ def sample_completions(
     inputs: dict[str, torch.Tensor],
     group_size: int,
     max_new_tokens: int,
-    temperature: float = 1.0,
+    temperature: float = SamplingSpec.temperature,
     min_new_tokens: int = 0,
     return_scores: bool = False,
     share_prefix: bool = False,
@@ -141,10 +150,12 @@ def sample_completions(
 ) -> Completions | tuple[Completions, torch.Tensor]:
     """Sample ``group_size`` completions per prompt.
 
-    By default with one batched ``generate`` call, which repeats every prompt G times *before*
-    the prefill. With ``share_prefix`` each prompt (with its images) is prefilled once and its
-    KV cache shared by its G completions (``sample_shared_prefix``, whose loop draws with
-    ``draw``): same distribution, the prompt's cost no longer grows with G.
+    With ``share_prefix`` (what training and evaluation run: ``SamplingSpec.share_prefix``, which
+    every caller passes) each prompt (with its images) is prefilled once and its KV cache shared by
+    its G completions (``sample_shared_prefix``, whose loop draws with ``draw``): same
+    distribution, the prompt's cost no longer grows with G. Without it, one batched ``generate``
+    call, which repeats every prompt G times *before* the prefill: the reference the tests hold
+    our loop to.
 
     With ``return_scores`` the raw logits of each step come back too, ``(N, T, V)``, which the
     tests compare with our re-forward log-probs.
@@ -187,7 +198,7 @@ def sample_shared_prefix(
     inputs: dict[str, torch.Tensor],
     group_size: int,
     max_new_tokens: int,
-    temperature: float = 1.0,
+    temperature: float = SamplingSpec.temperature,
     min_new_tokens: int = 0,
     return_scores: bool = False,
     draw: Callable[[torch.Tensor], torch.Tensor] = draw_tokens,
@@ -239,8 +250,7 @@ def _sample_from_cache(
         if return_scores:
             raw.append(logits_NV.clone())
         scores_NV = logits_NV.float()  # the step's own logits: scaled and masked in place
-        if temperature != 1.0:
-            scores_NV.div_(temperature)
+        at_temperature(scores_NV, temperature, in_place=True)
         scores_NV[:, suppressed] = -torch.inf
         if t < min_new_tokens:
             scores_NV[:, eos] = -torch.inf
@@ -267,7 +277,7 @@ def sample_shared_first_image(
     inputs: dict[str, torch.Tensor],
     group_size: int,
     max_new_tokens: int,
-    temperature: float = 1.0,
+    temperature: float = SamplingSpec.temperature,
     min_new_tokens: int = 0,
     return_scores: bool = False,
     draw: Callable[[torch.Tensor], torch.Tensor] = draw_tokens,

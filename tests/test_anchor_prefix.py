@@ -1,4 +1,4 @@
-"""Shared anchor prefix (issue 7, item 2e): the instructions + anchor image prefilled once per group.
+"""Shared anchor prefix: the instructions + anchor image prefilled once per group.
 
 ``sample_shared_first_image`` must be the same computation as prefilling every comparison in
 full: with the same seed the same tokens as ``generate`` (images of different sizes, so the

@@ -1,4 +1,4 @@
-"""Log-probs without (N, T, V) logits (issue 13): the chunked LM head + log-softmax against the
+"""Log-probs without (N, T, V) logits: the chunked LM head + log-softmax against the
 obvious full-vocabulary computation, on the tiny model and on a model of the real configuration
 (V = 152,064); and prefix sharing under activation checkpointing against the unshared path."""
 

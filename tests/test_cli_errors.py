@@ -1,4 +1,4 @@
-"""Issue 15, the commands: bad data, a bad config, a missing or damaged model or checkpoint end in
+"""Bad input, the commands: bad data, a bad config, a missing or damaged model or checkpoint end in
 one ``error: …`` line naming the file and a non-zero exit, never a traceback. A bad row that
 a run reads anyway is counted in its summary and never changes the rating scale.
 

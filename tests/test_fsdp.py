@@ -1,4 +1,4 @@
-"""FSDP2 under torchrun with 2 gloo ranks on CPU (issue 12): same weights as DDP, exact resume from
+"""FSDP2 under torchrun with 2 gloo ranks on CPU: same weights as DDP, exact resume from
 sharded checkpoints, and a consolidated folder that plain transformers, eval.evaluate and eval.rank load."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The memory plan (issue 12): hand-checked counts, the CLI, and the plan against peak RSS measured on CPU."""
+"""The memory plan (grpo.run.memory_plan): hand-checked counts, the CLI, and the plan against peak RSS measured on CPU."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def measure(*overrides) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_seven_b_counts_and_the_issue_figures(real_files):
+def test_seven_b_counts_and_the_real_run_figures(real_files):
     shape = model_shape(str(real_files / "config.json"))
     # Qwen2.5-VL-7B: 8.29B parameters, of which the language model with its untied LM head is 7.62B
     assert shape.total == 8_292_166_656 and shape.language == 7_615_616_512

@@ -1,4 +1,4 @@
-"""Foundation: the tiny model builder, inputs, sampling and per-token log-probs (issue 2)."""
+"""Foundation: the tiny model builder, inputs, sampling and per-token log-probs."""
 
 from __future__ import annotations
 

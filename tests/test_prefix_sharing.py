@@ -1,4 +1,4 @@
-"""Prefix sharing (issue 7): one prompt forward per group, in sampling and in the log-prob passes.
+"""Prefix sharing: one prompt forward per group, in sampling and in the log-prob passes.
 
 The shared path must be the same computation as repeating every prompt G times: with
 ``generate``'s draw, the samples ``generate`` would draw with the same seed, log-probs that match the sampling distribution to

@@ -1,4 +1,4 @@
-"""The real Qwen2.5-VL-7B-Instruct files (issue 11): tokenizer, chat template, generation defaults,
+"""The real Qwen2.5-VL-7B-Instruct files: tokenizer, chat template, generation defaults,
 image processor, on a model of the real configuration shrunk only in size (``models.tiny --like``).
 
 Random weights make the outputs meaningless, never the plumbing: these tests check what the tiny

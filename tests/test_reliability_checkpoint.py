@@ -1,4 +1,4 @@
-"""Issue 15, checkpoint side: resume survives a damaged checkpoint, loads fail in one line, a
+"""Bad input, checkpoint side: resume survives a damaged checkpoint, loads fail in one line, a
 failed save leaves the previous checkpoint as it was, and a kill during a save loses nothing.
 
 One short real run (3 steps, a checkpoint after every step) is trained once per module; each test

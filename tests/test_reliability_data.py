@@ -1,4 +1,4 @@
-"""Issue 15, data side: damaged copies of the synthetic datasets are read without a traceback and
+"""Bad input, data side: damaged copies of the synthetic datasets are read without a traceback and
 without silently wrong data. Every damage is applied to real files written by ``data.synthetic``;
 each test checks what was skipped (by reason), that the rest is exactly what is on disk, and that
 nothing outside the dataset folder is opened.

@@ -1,4 +1,4 @@
-"""The soft head: expectations over answer tokens, answer positions, and the fallback (issue 2)."""
+"""The soft head: expectations over answer tokens, answer positions, and the fallback."""
 
 from __future__ import annotations
 

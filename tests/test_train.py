@@ -1,4 +1,4 @@
-"""The GRPO loop end to end on the tiny model: runs, learns something, resumes exactly (issue 3)."""
+"""The GRPO loop end to end on the tiny model: runs, learns something, resumes exactly."""
 
 from __future__ import annotations
 
