@@ -15,6 +15,10 @@ local) and the gradients are averaged across ranks: DDP keeps a full copy of eve
 rank, FSDP2 shards weights, gradients, optimizer state and reference (``train.strategy``,
 ``grpo.run.distributed``). ``grpo.memory``'s plan of the run is printed before the model is loaded.
 
+This file holds the step and the loop; the machinery of a run (the sample stream, checkpoints,
+ranks, the memory plan) is in ``grpo.run``, and the held-out evaluation calls down into the
+scoring layer, ``eval.evaluate.evaluate``.
+
 Deviations from the paper, on purpose: the KL term uses the k3 estimator by default
 (``grpo.loss``); the group std is the unbiased one (``grpo.advantages``); log-probs of a
 minibatch are aggregated within the minibatch, so ``token-mean`` is exact only when one
