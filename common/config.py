@@ -73,7 +73,7 @@ class DataConfig:
     kind: str = "imagereward"
     """Dataset format: imagereward (single image, rating) | hpdv2 (two images, 0/1)."""
     root: str = "datasets/ImageRewardDB"
-    """Local dataset folder, as downloaded (see README: Data)."""
+    """Local dataset folder, as downloaded (docs/data-and-metrics.md)."""
     split: str = "train"
     """Training split (ImageRewardDB: train | validation)."""
     subset: str = ""

@@ -1,4 +1,5 @@
-"""Reader for a local ImageRewardDB folder (HF ``THUDM/ImageRewardDB``), as published (docs/data-and-metrics.md).
+"""Reader for a local ImageRewardDB folder (HF ``THUDM/ImageRewardDB``), as published
+(docs/data-and-metrics.md).
 
 Layout (one row per image)::
 

@@ -7,8 +7,9 @@ Every image of every test prompt gets a **soft** and a **hard** score (``eval.sc
 ``eval.k`` reasoning rollouts, by one of three methods: ``rating`` (default for ImageReward:
 E[r|C] over the rating scale), ``anchor`` (default for HPDv2: p(j ≻ anchor), the anchor 0.5) or
 ``round-robin`` (all pairs, Bradley–Terry). Both official protocols are reported for every
-score (docs/data-and-metrics.md): ``imagereward_accuracy`` (pooled pairs, model ties wrong), ``hpsv2_accuracy``
-(per-prompt inversions, ties by index), plus ``pairwise_accuracy`` (model ties half right).
+score (docs/data-and-metrics.md): ``imagereward_accuracy`` (pooled pairs, model ties wrong),
+``hpsv2_accuracy`` (per-prompt inversions, ties by index), plus ``pairwise_accuracy`` (model ties
+half right).
 
 **Mean@k**: a run with k > 1 rollouts reports both Mean@1 (the first rollout of every request)
 and Mean@k, under the keys ``soft@1``, ``hard@1``, ``soft@k``, ``hard@k``. The paper's Table 1

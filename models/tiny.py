@@ -13,10 +13,10 @@ whose folder looks exactly like a real checkpoint:
   saved under the standard ``Qwen2_5_VLProcessor`` class name, so that plain
   ``AutoProcessor.from_pretrained`` also loads the folder where torchvision is installed.
 
-Presets (what each can learn: docs/facts.md): ``tiny`` (text hidden 128 × 2 layers, vision 64 × 2 blocks, ~1.0M
-parameters), ``tiny-pairs`` (tiny's language model, small's vision tower, ~2.3M; the demo's pairwise
-run, see ``PRESETS``) and ``small`` (text 256 × 4, vision 128 × 4, ~6M) for benchmarks and the
-prompt-conditioned task. The same seed gives byte-identical weights and tokenizer files.
+Presets (what each can learn: docs/facts.md): ``tiny`` (text hidden 128 × 2 layers, vision 64 × 2
+blocks, ~1.0M parameters), ``tiny-pairs`` (tiny's language model, small's vision tower, ~2.3M; the
+demo's pairwise run, see ``PRESETS``) and ``small`` (text 256 × 4, vision 128 × 4, ~6M) for
+benchmarks and the prompt-conditioned task. The same seed gives byte-identical weights and tokenizer files.
 
 ``--like DIR`` builds instead a model of a real checkpoint's configuration shrunk only in size
 (``shrink_config``): the real vocabulary, token ids, rope and vision geometry, with random weights

@@ -37,8 +37,8 @@ checkpointing). ``L`` = text tokens (``--prompt-tokens``) + images × image toke
 / 28², or ``--image-tokens``).
 
 10% of the GPU is kept for the CUDA context, the allocator's fragmentation and NCCL buffers.
-The plan is checked against measured peak memory on CPU in ``tests/test_memory.py`` (README gives
-the figures).
+The plan is checked against measured peak memory on CPU in ``tests/test_memory.py`` (docs/real-runs.md
+gives the figures).
 """
 
 from __future__ import annotations
@@ -329,5 +329,5 @@ def plan_for_config(cfg: Config, gpus: int, gpu_memory: float, download: bool = 
 def print_memory_plan(cfg: Config, world: int, device: torch.device) -> None:
     """The plan of this run on this hardware, printed before training starts."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    plan = plan_for_config(cfg, world, device_memory(device, local), download=True)
-    print(format_plan(plan), file=sys.stderr)
+    p = plan_for_config(cfg, world, device_memory(device, local), download=True)
+    print(format_plan(p), file=sys.stderr)
