@@ -2,18 +2,19 @@
 
 Runtime dependencies are pinned in ``requirements.lock``; torch is deliberately *not*
 listed in ``install_requires`` ranges wider than the lock so that pip never resolves a
-second torch build, and torchvision is never installed (DESIGN §8).
+second torch build, and torchvision is never installed: on a CPU machine PyPI's torchvision breaks
+beside torch 2.13.0 (docs/facts.md).
 """
 
 from setuptools import find_packages, setup
+
+PACKAGES = ("common", "data", "models", "eval", "grpo")  # bottom to top: each imports only those before it
 
 setup(
     name="visual-preference-grpo",
     version="0.1.0",
     description="GRPO-trained Qwen2.5-VL reward models with soft scores (arXiv 2503.19948)",
-    packages=find_packages(
-        include=["grpo", "grpo.*", "models", "models.*", "data", "data.*", "eval", "eval.*"]
-    ),
+    packages=find_packages(include=[p for top in PACKAGES for p in (top, f"{top}.*")]),
     python_requires=">=3.10",
     install_requires=[
         "torch==2.13.0",

@@ -1,4 +1,4 @@
-"""Reader for a local HPDv2 folder (HF ``ymhao/HPDv2``), as published (DESIGN §6).
+"""Reader for a local HPDv2 folder (HF ``ymhao/HPDv2``), as published (docs/data-and-metrics.md).
 
 Layout::
 
@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from data.errors import DataError
+from common.errors import DataError
 from data.sets import (
     EvalSet,
     TrainSet,

@@ -1,4 +1,5 @@
-"""Reader for a local ImageRewardDB folder (HF ``THUDM/ImageRewardDB``), as published (DESIGN §6).
+"""Reader for a local ImageRewardDB folder (HF ``THUDM/ImageRewardDB``), as published
+(docs/data-and-metrics.md).
 
 Layout (one row per image)::
 
@@ -24,7 +25,7 @@ Layout (one row per image)::
 ``read_train`` gives one ``"rating"`` sample per image (target = the rating); ``read_eval`` one
 group per ``prompt_id`` with the human ``rank`` of each image (1 = best, ties allowed).
 
-**The rating scale is configured, never read from the data** (DESIGN §6, §9): ``RATING_SCALE``
+**The rating scale is configured, never read from the data**: ``RATING_SCALE``
 (1–7, ImageRewardDB's ``overall_rating``) unless the caller passes another. A row rated outside
 it, NaN or fractional is skipped and counted, so one bad row cannot turn the 1–7 task into 1–8.
 Rows are also skipped and counted for an ``image_path`` that leaves ``ROOT``, a prompt that is
@@ -42,7 +43,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from data.errors import DataError, one_line
+from common.errors import DataError, one_line
 from data.sets import (
     EvalSet,
     TrainSet,

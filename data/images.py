@@ -2,7 +2,7 @@
 
 Every image the trainer, the evaluator or the rank CLI uses goes through ``ImageRef.load()``
 (``data.types``), which decodes inside ``decode_errors_as_bad_image`` and then calls
-``normalize_image``. Two guarantees follow (DESIGN §9):
+``normalize_image``. Two guarantees follow (docs/architecture.md, bad input):
 
 1. **Undecodable input fails with one clear line.** Corrupt bytes, a zero-byte file, a truncated
    WebP, a text file named ``.webp``, a missing file, a missing zip member or a broken zip all
@@ -42,7 +42,7 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image
 
-from data.errors import DataError
+from common.errors import DataError
 
 MIN_SIDE = 28  # Qwen2.5-VL: patch 14 × spatial merge 2
 MAX_SIDE = 4096

@@ -2,13 +2,13 @@
 
 ``data.imagereward`` and ``data.hpdv2`` return a ``TrainSet`` (training prompts) or an
 ``EvalSet`` (per-prompt groups for the official metrics). Bulk reading never stops at a bad
-row (DESIGN §9): a row with a missing image file, an empty prompt, a malformed field or a rank
+row: a row with a missing image file, an empty prompt, a malformed field or a rank
 list whose length differs from its image list is skipped, logged with its file and row
 (``skip_row``), and counted in ``skipped`` (reason → count); the reader ends with a one-line
 summary (``log_summary``). Images are not decoded while reading: an undecodable image raises
 ``data.images.BadImageError`` when it is loaded, and the consumer skips and counts it.
 
-What else a row must pass (issue 15), with the reason it is counted under:
+What else a row must pass, with the reason it is counted under:
 
 - **text**: the prompt is a non-empty string the tokenizer can encode (``empty prompt``,
   ``prompt not valid UTF-8``: a lone surrogate, or invalid UTF-8 bytes in the file, which are
@@ -21,7 +21,7 @@ What else a row must pass (issue 15), with the reason it is counted under:
 - **duplicates** of an earlier row (the same image, the same pair) are dropped (``duplicate row``).
 
 A file that cannot be parsed at all (not JSON, not parquet, a truncated zip) is a
-``data.errors.DataError`` naming the file, or, for one zip among many, skipped and counted.
+``common.errors.DataError`` naming the file, or, for one zip among many, skipped and counted.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.errors import DataError, one_line
+from common.errors import DataError, one_line
 from data.types import EvalGroup, TrainSample
 
 logger = logging.getLogger(__name__)
@@ -81,11 +81,6 @@ def log_summary(what: str, kept: int, unit: str, skipped: Counter) -> None:
         logger.warning("%s: %d %s, skipped %d (%s)", what, kept, unit, sum(skipped.values()), reasons)
     else:
         logger.info("%s: %d %s, none skipped", what, kept, unit)
-
-
-def check_prompt(prompt: object) -> str | None:
-    """The prompt text, or None if it is not a non-empty string of valid Unicode."""
-    return prompt if prompt_problem(prompt) is None else None
 
 
 def prompt_problem(prompt: object) -> str | None:

@@ -2,7 +2,7 @@
 
     python -m data.synthetic OUT --kind imagereward|hpdv2 [--prompts N] [--seed S] [--task colour|prompt] [--size PX]
 
-Our machines cannot download the real data (DESIGN §2), so tests and the CPU demo read these
+The machines this project is tested on cannot download the real data, so tests and the CPU demo read these
 folders with the very readers that read the real ones. Every image shows one filled shape
 (circle, square or triangle) of one of four colours on white, with jitter in position, size,
 rotation and shade. A hidden quality function, fixed by the seed, sets the labels:
@@ -10,7 +10,7 @@ rotation and shade. A hidden quality function, fixed by the seed, sets the label
 - **task "colour"** (the image-only tier; the default): the colour alone sets the quality through
   ``colour_mapping(seed)``, a seeded permutation of the colours onto the ratings {1, 3, 5, 7}.
   The prompt ("a red circle on a white background") names a random colour and shape and is
-  irrelevant. The tiny model learns this tier (DESIGN §8).
+  irrelevant. The tiny model learns this tier (docs/facts.md).
 - **task "prompt"** (prompt-conditioned): quality = 1 + 3·[drawn colour = the prompt's colour]
   + 2·[drawn shape = the prompt's shape] + 1·[no defect], in 1…7; a defect is Gaussian pixel
   noise or blur (a quarter of the images each). Half the images match the prompt's colour, half
@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
 
-from data.errors import user_errors_exit
+from common.errors import user_errors_exit
 
 COLOURS = {"red": (220, 40, 40), "yellow": (235, 200, 30), "green": (40, 160, 70), "blue": (40, 90, 220)}
 SHAPES = ("circle", "square", "triangle")
@@ -172,7 +172,7 @@ def _write_manifest(out: Path, kind: str, task: str, seed: int, size: int, count
     return manifest
 
 
-# The published metadata columns and dtypes (DESIGN §6): strings, then int8 for the small ints.
+# The published metadata columns and dtypes (docs/data-and-metrics.md): strings, then int8 for the small ints.
 IR_SCHEMA = pa.schema(
     [(c, pa.string()) for c in ("image_path", "prompt_id", "prompt", "classification")]
     + [

@@ -7,8 +7,9 @@ Every image of every test prompt gets a **soft** and a **hard** score (``eval.sc
 ``eval.k`` reasoning rollouts, by one of three methods: ``rating`` (default for ImageReward:
 E[r|C] over the rating scale), ``anchor`` (default for HPDv2: p(j ≻ anchor), the anchor 0.5) or
 ``round-robin`` (all pairs, Bradley–Terry). Both official protocols are reported for every
-score (DESIGN §7): ``imagereward_accuracy`` (pooled pairs, model ties wrong), ``hpsv2_accuracy``
-(per-prompt inversions, ties by index), plus ``pairwise_accuracy`` (model ties half right).
+score (docs/data-and-metrics.md): ``imagereward_accuracy`` (pooled pairs, model ties wrong),
+``hpsv2_accuracy`` (per-prompt inversions, ties by index), plus ``pairwise_accuracy`` (model ties
+half right).
 
 **Mean@k**: a run with k > 1 rollouts reports both Mean@1 (the first rollout of every request)
 and Mean@k, under the keys ``soft@1``, ``hard@1``, ``soft@k``, ``hard@k``. The paper's Table 1
@@ -18,7 +19,7 @@ Choices made here:
 - ``rating`` on HPDv2 is allowed (a zero-shot judge can rate on any scale) but needs a scale:
   ``--scale 1-7``. Otherwise the scale is the one the checkpoint was trained on (its
   ``task.json``), else the configured ``data.rating_min``–``data.rating_max`` (ImageRewardDB:
-  1–7). It is never read from the data, so one bad row cannot change it (issue 15).
+  1–7). It is never read from the data, so one bad row cannot change it.
 - An image that fails to decode is dropped from its prompt and counted (``skipped``); a prompt
   left with fewer than two images is dropped and counted. Nothing crashes on bad data.
 - ``soft_spread`` is the std of all images' soft scores (Mean@k): near 0 means the judge gives
@@ -55,11 +56,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.errors import DataError, user_errors_exit
+from common.config import EvalConfig, load_config
+from common.errors import DataError, user_errors_exit
 from data.images import BadImageError
+from data.read import EVAL_HELP, read_eval_set
 from data.types import EvalGroup
 from eval.metrics import count_pairs, hpsv2_accuracy, imagereward_accuracy, pairwise_accuracy
-from grpo.config import EvalConfig, load_config
+from eval.scale import parse_scale, rating_scale
 
 # torch, transformers and the scoring code (eval.score) are imported where they are used, so that
 # --help and the data checks answer in a second instead of after the ~5 s it takes to import them.
@@ -70,13 +73,6 @@ METHODS = ("rating", "anchor", "round-robin")  # = eval.score.METHODS (a test ch
 DEFAULT_METHOD = {"imagereward": "rating", "hpdv2": "anchor"}
 PRIMARY_METRIC = {"imagereward": "imagereward_accuracy", "hpdv2": "hpsv2_accuracy"}
 MAX_LOGGED_BAD_IMAGES = 10
-EVAL_DATA_HELP = {
-    "imagereward": "download the test split of THUDM/ImageRewardDB (metadata-test.parquet and images/test/*.zip) "
-    "into that folder, e.g. `huggingface-cli download THUDM/ImageRewardDB --repo-type dataset --local-dir DIR "
-    "--include 'metadata-*' 'images/test/*'`",
-    "hpdv2": "download ymhao/HPDv2's test.json and test images (extract the test image archive into DIR/test/), "
-    "e.g. `huggingface-cli download ymhao/HPDv2 --repo-type dataset --local-dir DIR`",
-}
 
 
 def resolve_method(method: str, kind: str) -> str:
@@ -280,42 +276,27 @@ def summary_markdown(report: dict) -> str:
 # ----------------------------------------------------------------------------------- the CLI
 
 
-def rating_scale(cfg, method: str, scale: str | None) -> tuple[tuple[int, ...] | None, str]:
-    """The rating scale and where it came from: ``--scale``, else the checkpoint's ``task.json``,
-    else the configured ``data.rating_min``–``rating_max`` (ImageRewardDB only)."""
-    from grpo.manifest import saved_scale
-
-    if scale:
-        from eval.rank import parse_scale
-
-        return parse_scale(scale), "--scale"
-    if method != "rating":
+def scale_for(cfg, method: str, given: str | None) -> tuple[tuple[int, ...] | None, str]:
+    """The rating scale (``eval.scale.rating_scale``) and where it came from; ``None`` for the
+    pairwise methods unless ``--scale`` is given."""
+    if not given and method != "rating":
         return None, ""
-    saved, source = saved_scale(cfg.model.name_or_path)
-    if saved:
-        if cfg.data.kind == "imagereward" and saved != cfg.data.rating_values:
-            print(f"note: {source} gives scale {saved}, not the configured {cfg.data.rating_values}; using "
-                  f"the checkpoint's", file=sys.stderr)  # fmt: skip
-        return saved, source
-    if cfg.data.kind != "imagereward":
+    configured = cfg.data.rating_values if cfg.data.kind == "imagereward" else None
+    scale, source = rating_scale(cfg.model.name_or_path, parse_scale(given) if given else None, configured,
+                                 "data.rating_min/rating_max")  # fmt: skip
+    if scale is None:
         raise ValueError("method rating on HPDv2 needs a rating scale: pass --scale 1-7")
-    return cfg.data.rating_values, "data.rating_min/rating_max"
+    if configured and not given and scale != configured:
+        print(f"note: {source} gives scale {scale}, not the configured {configured}; using the checkpoint's",
+              file=sys.stderr)  # fmt: skip
+    return scale, source
 
 
 def read_groups(cfg, scale: tuple[int, ...] | None = None) -> tuple[list[EvalGroup], Counter]:
     """The evaluation groups of ``data.kind`` under ``eval.root`` (or ``data.root``) and the reader's skips.
 
     With a rating ``scale`` (ImageRewardDB), rows rated outside it are skipped as in training."""
-    root = cfg.eval.root or cfg.data.root
-    if cfg.data.kind == "imagereward":
-        from data.imagereward import read_eval
-
-        eval_set = read_eval(root, split=cfg.eval.split, rating_field=cfg.data.rating_field,
-                             rating_values=scale or ())  # fmt: skip
-    else:
-        from data.hpdv2 import read_eval
-
-        eval_set = read_eval(root)
+    eval_set = read_eval_set(cfg.data.kind, cfg.eval_root, cfg.eval.split, cfg.data.rating_field, scale)
     return eval_set.groups, eval_set.skipped
 
 
@@ -337,7 +318,11 @@ def main(argv: list[str] | None = None) -> None:
         "--method", choices=("auto", *METHODS), help="overrides eval.method; also round-robin"
     )
     parser.add_argument("--debias", action="store_true", help="pairwise: ask each comparison in both orders")
-    parser.add_argument("--scale", help="rating scale LO-HI or a comma list (default: read from the data)")
+    parser.add_argument(
+        "--scale",
+        help="rating scale LO-HI or a comma list (default: the checkpoint's task.json, else "
+        "data.rating_min-rating_max; never read from the data)",
+    )
     parser.add_argument("--label", default="", help="name of this model in report.json and the tables")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_intermixed_args(argv)
@@ -348,31 +333,28 @@ def main(argv: list[str] | None = None) -> None:
 def run(args, parser) -> None:
     """The command's body: data, scale and model are checked before anything slow is loaded."""
     cfg = load_config(args.config, args.overrides)
-    root = cfg.eval.root or cfg.data.root
+    root = cfg.eval_root
     if not Path(root).is_dir():
-        parser.exit(2, f"error: evaluation data folder {root!r} not found: {EVAL_DATA_HELP[cfg.data.kind]}, "
+        parser.exit(2, f"error: evaluation data folder {root!r} not found: {EVAL_HELP[cfg.data.kind]}, "
                        f"or point eval.root=... (or data.root=...) at it\n")  # fmt: skip
     try:
         method = resolve_method(args.method or cfg.eval.method, cfg.data.kind)
-        scale, scale_source = rating_scale(cfg, method, args.scale)
+        scale, scale_source = scale_for(cfg, method, args.scale)
         groups, read_skipped = read_groups(cfg, scale)
     except (ValueError, OSError) as e:
         parser.exit(2, f"error: {e}\n")
     if scale_source:
         print(f"rating scale {scale} from {scale_source}", file=sys.stderr)
 
-    import torch
-
     from data.sets import drop_long_prompts
     from eval.rank import load_model
+    from models.qwen_vl import resolve_device
 
     name = cfg.model.name_or_path
     out = Path(
         args.out or f"runs/eval/{Path(name).name}-{cfg.data.kind}-{cfg.eval.split}-{method}-k{cfg.eval.k}"
     )
-    device = cfg.train.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(cfg.train.device)
     model, processor = load_model(name, cfg.model.dtype, device, cfg.model.min_pixels, cfg.model.max_pixels)
     groups = drop_long_prompts(
         groups, processor.tokenizer, cfg.data.max_prompt_tokens, read_skipped, "prompt"
@@ -382,7 +364,7 @@ def run(args, parser) -> None:
             f"no evaluation prompt is within data.max_prompt_tokens: skipped {dict(read_skipped)}"
         )
     evaluate(model, processor, groups, cfg.data.kind, scale, cfg.eval,
-             cfg.eval.max_new_tokens or cfg.grpo.max_new_tokens, out, progress=not args.no_progress,
+             cfg.eval_max_new_tokens, out, progress=not args.no_progress,
              method=method, debias=args.debias, label=args.label or Path(name).name, model_name=name,
              read_skipped=read_skipped)  # fmt: skip
     print((out / "summary.md").read_text())

@@ -1,4 +1,4 @@
-"""Preference-accuracy metrics, matching the official evaluation protocols exactly (DESIGN §7).
+"""Preference-accuracy metrics, matching the official evaluation protocols exactly (docs/data-and-metrics.md).
 
 Every function takes one list per prompt:
 

@@ -33,13 +33,16 @@ from pathlib import Path
 
 from PIL import Image
 
-from data.errors import DataError, user_errors_exit
+from common.config import SamplingSpec
+from common.errors import DataError, user_errors_exit
+from common.manifest import check_model_source, load_errors_as_checkpoint_error
+from data.imagereward import RATING_SCALE
 from data.images import BadImageError, normalize_image
 from data.prompts import parse_completion
 from data.sets import prompt_problem
 from data.types import ImageRef
+from eval.scale import parse_scale, rating_scale
 from eval.score import METHODS, GroupResult, ScoringSpec, score_groups, seeded
-from grpo.manifest import check_model_source, load_errors_as_checkpoint_error, saved_scale
 from models.qwen_vl import (
     DEFAULT_MAX_PIXELS,
     image_token_count,
@@ -49,7 +52,6 @@ from models.qwen_vl import (
 )
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-DEFAULT_SCALE = (1, 2, 3, 4, 5, 6, 7)  # ImageRewardDB's overall_rating range
 
 
 @dataclass
@@ -75,8 +77,8 @@ class PreferenceScorer:
         method: str = "rating",
         k: int = 1,
         scale: tuple[int, ...] | None = None,
-        max_new_tokens: int = 256,
-        temperature: float = 1.0,
+        max_new_tokens: int = SamplingSpec.max_new_tokens,
+        temperature: float = SamplingSpec.temperature,
         seed: int = 0,
         batch_size: int = 16,
         debias: bool = False,
@@ -85,7 +87,7 @@ class PreferenceScorer:
         max_pixels: int | None = None,
     ) -> None:
         if scale is None:  # the scale the checkpoint was trained on, else ImageRewardDB's
-            scale = (saved_scale(str(model))[0] if isinstance(model, (str, Path)) else None) or DEFAULT_SCALE
+            scale, _ = rating_scale(model, None, RATING_SCALE, "ImageRewardDB's 1-7")
         if isinstance(model, (str, Path)):
             model = load_model(str(model), dtype, device, max_pixels=max_pixels)
         self.model, self.processor = model
@@ -149,21 +151,6 @@ def _load_model(name_or_path: str, dtype: str, device: str, min_pixels: int, max
         max_pixels = 0 if trained_here else min(own, DEFAULT_MAX_PIXELS)
     set_pixel_bounds(processor, min_pixels, max_pixels)
     return model.eval(), processor
-
-
-def parse_scale(text: str) -> tuple[int, ...]:
-    """``"1-7"`` → (1, …, 7); ``"1,3,5,7"`` → (1, 3, 5, 7). Ratings must be single digits."""
-    try:
-        if "-" in text:
-            lo, hi = (int(x) for x in text.split("-"))
-            values = tuple(range(lo, hi + 1))
-        else:
-            values = tuple(sorted({int(x) for x in text.split(",")}))
-    except ValueError:
-        raise ValueError(f"--scale {text!r}: expected LO-HI (e.g. 1-7) or a comma list") from None
-    if len(values) < 2 or not all(0 <= v <= 9 for v in values):
-        raise ValueError(f"--scale {text!r}: need at least two single-digit ratings")
-    return values
 
 
 def _as_image(im: Image.Image | str | Path, i: int) -> Image.Image:
@@ -236,8 +223,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--scale", help="rating scale, LO-HI or a comma list (default: the checkpoint's, else 1-7)"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="completion length limit")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=SamplingSpec.max_new_tokens, help="completion length limit"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=SamplingSpec.temperature, help="sampling temperature"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the rollouts and the anchor draw")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
@@ -291,11 +282,8 @@ def run(args, parser) -> None:
     if prompt_problem(args.prompt) is not None:
         raise DataError(f"--prompt: {prompt_problem(args.prompt)}")
     try:
-        saved, source = saved_scale(args.model)
-        scale = parse_scale(args.scale) if args.scale else (saved or DEFAULT_SCALE)
-        if saved and scale != saved:
-            print(f"note: --scale {args.scale} differs from the scale the model was trained on, {saved} "
-                  f"({source})", file=sys.stderr)  # fmt: skip
+        scale, _ = rating_scale(args.model, parse_scale(args.scale) if args.scale else None, RATING_SCALE,
+                                "ImageRewardDB's 1-7")  # fmt: skip
         paths = once_each(expand_images(args.images))
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")

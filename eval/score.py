@@ -1,14 +1,17 @@
 """Scoring images with a reasoning judge: soft and hard scores, anchor ranking, Mean@k.
 
 A *request* is one question to the model: a rating of one image, or a comparison of two images
-of the same prompt. Each request is answered by ``k`` reasoning rollouts sampled in one batched
-``generate`` (``sample_completions(group_size=k)``), and every rollout gets two scores:
+of the same prompt. Each request is answered by ``k`` reasoning rollouts
+(``sample_completions(group_size=k)``: the request is prefilled once and our own sampling loop
+continues it k times; plain ``generate`` only where no KV cache is available), and every rollout
+gets two scores:
 
 - **soft** (arXiv 2503.19948 §3, ``models.soft_head.soft_scores``): the expectation of the
   answer under the model's answer-token distribution, read at the answer position after the
   model's own reasoning: ``E[r | C] = Σ_i r_i p(r_i | C)`` over the rating scale, or
   ``p(1 | C) = e^{f(1)} / (e^{f(0)} + e^{f(1)})`` for a pair (the second image is better). A
-  rollout without a usable answer is still scored, after appending ``</think><answer>``.
+  rollout without a usable answer is still scored, after appending ``</think><answer>``. The
+  answer logits are read at τ = 1 whatever ``temperature`` sampled the rollout.
 - **hard**: the answer the rollout actually wrote (``data.prompts.parse_completion``). A rollout
   without a well-formed answer gets ``min(scale) − 1`` for a rating, so that it ranks below every
   valid answer, and ``0.5`` for a pair, i.e. "no preference" (the anchor's own score).
@@ -41,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from common.config import SamplingSpec
 from data.prompts import answer_values, messages_for, parse_completion
 from eval.pairwise import (
     anchor_comparisons,
@@ -49,8 +53,9 @@ from eval.pairwise import (
     round_robin_comparisons,
     round_robin_scores,
 )
-from models.prefix import kv_cache_available, sample_shared_first_image
-from models.qwen_vl import build_inputs, render_prompt, repeat_inputs, sample_completions
+from models.kv_cache import kv_cache_available
+from models.qwen_vl import build_inputs, render_prompt, repeat_inputs
+from models.sampling import sample_completions, sample_shared_first_image
 from models.soft_head import soft_scores
 
 METHODS = ("rating", "anchor", "round-robin")
@@ -67,10 +72,10 @@ class ScoringSpec:
     """The rating scale the model answers on (method rating), e.g. (1, …, 7)."""
     k: int = 1
     """Mean@k: reasoning rollouts per request, sampled in one generate."""
-    max_new_tokens: int = 256
+    max_new_tokens: int = SamplingSpec.max_new_tokens
     """Completion length limit."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollouts."""
+    temperature: float = SamplingSpec.temperature
+    """Sampling temperature of the rollouts (the soft scores themselves are read at τ = 1)."""
     batch_size: int = 16
     """Requests per generate call (each sampled k times), drawn from several prompts."""
     seed: int = 0
@@ -81,7 +86,7 @@ class ScoringSpec:
     """Round robin: λ drawn virtual games per pair in the Bradley–Terry fit."""
     share_anchor: bool = True
     """Anchor method: prefill the instructions + anchor image once per group and reuse that KV
-    cache for its N − 1 comparisons (``models.prefix.sample_shared_first_image``). Same samples
+    cache for its N − 1 comparisons (``models.sampling.sample_shared_first_image``). Same samples
     for the same seed; only the cost changes."""
 
     def __post_init__(self) -> None:
@@ -94,6 +99,11 @@ class ScoringSpec:
         if self.k < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError(f"k, batch_size and max_new_tokens must be ≥ 1 (got {self.k}, "
                              f"{self.batch_size}, {self.max_new_tokens})")  # fmt: skip
+
+    @property
+    def sampling(self) -> SamplingSpec:
+        """How the rollouts are sampled (each request prefilled once for its k rollouts)."""
+        return SamplingSpec(self.max_new_tokens, self.temperature)
 
     @property
     def task(self) -> str:
@@ -177,11 +187,11 @@ def score_completions(
 @torch.no_grad()
 def judge(
     model, processor, requests: list[Request], rating_values: tuple[int, ...], k: int,
-    max_new_tokens: int, temperature: float = 1.0, share_first_image: bool = False,
+    sampling: SamplingSpec, share_first_image: bool = False,
 ) -> list[Judgement]:  # fmt: skip
     """Answer B requests with k rollouts each: one sampling pass for all B·k, then one scoring pass.
 
-    Each request is prefilled once for its k rollouts (``share_prefix``). With
+    Each request is prefilled once for its k rollouts (``sampling.share_prefix``). With
     ``share_first_image`` (pair requests), requests that open with the same prompt and first image
     (the anchor method's ``[anchor, j]``) also share the prefill of that opening. Both draw, for
     the same seed, the same rollouts as one plain ``generate``. Without a KV cache (gradient
@@ -193,13 +203,12 @@ def judge(
     values = answer_values(task, rating_values)
     device = next(model.parameters()).device
     inputs = {name: t.to(device) for name, t in encode_requests(processor, requests, rating_values).items()}
-    cached = kv_cache_available(model)
+    cached, s = kv_cache_available(model), sampling
     if share_first_image and cached and task == "pair":
-        comp = sample_shared_first_image(model, processor, inputs, k, max_new_tokens, temperature)
+        comp = sample_shared_first_image(model, processor, inputs, k, s.max_new_tokens, s.temperature)
     else:
-        comp = sample_completions(
-            model, processor, inputs, k, max_new_tokens, temperature, share_prefix=cached
-        )
+        comp = sample_completions(model, processor, inputs, k, s.max_new_tokens, s.temperature,
+                                  share_prefix=s.share_prefix and cached)  # fmt: skip
     inputs_N = repeat_inputs(inputs, k)  # row n is request n // k
     soft, hard, ok, fb = score_completions(
         model, processor, inputs_N, comp.ids_NT, comp.mask_NT, comp.texts, task, values
@@ -276,8 +285,7 @@ def score_groups(
     pending: list[tuple[GroupResult, int, Request]] = []  # requests not yet judged
 
     def run(batch):
-        judgements = judge(model, processor, [r for _, _, r in batch], spec.rating_values, spec.k,
-                           spec.max_new_tokens, spec.temperature,
+        judgements = judge(model, processor, [r for _, _, r in batch], spec.rating_values, spec.k, spec.sampling,
                            share_first_image=spec.share_anchor and spec.method == "anchor")  # fmt: skip
         for (result, i, request), j in zip(batch, judgements):
             result.judgements[i] = j

@@ -1,6 +1,6 @@
 """Peak memory of one GRPO update pass: ``python experiments/bench_memory.py MODEL_DIR [--completions 16] [--tokens 512]``.
 
-Issue 13's before/after measurement of the log-prob passes at the real vocabulary: one
+The memory of the log-prob passes at the real vocabulary (BENCHMARKS.md): one
 ``grpo.train.update_pass`` (forward, backward, optimizer step) over ``--completions`` random
 completions of ``--tokens`` tokens, 2 images of 448×448 per prompt, G = 8 (fewer when N < 8), fp32, one
 thread. Prints the process's peak RSS (``ru_maxrss``) before and after the pass. MODEL_DIR is any
@@ -16,8 +16,8 @@ import time
 import torch
 from PIL import Image
 
+from common.config import load_config
 from data.prompts import messages_for
-from grpo.config import load_config
 from grpo.rollout import RolloutBuffer
 from grpo.train import update_pass
 from models.qwen_vl import build_inputs, load_policy, render_prompt

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from common.config import EvalConfig, load_config
 from data.hpdv2 import read_eval as read_hpdv2_eval
 from data.hpdv2 import read_train as read_hpdv2_train
 from data.imagereward import read_eval as read_ir_eval
@@ -27,7 +28,6 @@ from data.synthetic import COLOURS, colour_mapping, write_hpdv2, write_imagerewa
 from eval.evaluate import evaluate
 from experiments.demo_report import ceiling, figures, hidden_quality, pair_accuracy
 from grpo.coldstart import PAIR_TASTE_SCALE, Taste, cold_start
-from grpo.config import EvalConfig, load_config
 from grpo.train import train
 from models.qwen_vl import load_policy
 from models.tiny import build_tiny

@@ -7,7 +7,7 @@ completions *of the same prompt*, so no value network is needed:
 
 Shape key: ``B`` prompts, ``G`` completions per prompt (group size).
 
-Conventions (DESIGN §4):
+Conventions (docs/math.md):
 
 - ``std`` is the *unbiased* sample standard deviation (``torch.std``, divisor G − 1), as in the
   GRPO paper's reference code and TRL. The biased std would scale every advantage by

@@ -61,12 +61,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data.errors import user_errors_exit
+from common.errors import user_errors_exit
+from common.manifest import check_model_source, write_task
 from data.images import BadImageError
 from data.prompts import answer_values
-from grpo.manifest import check_model_source, write_task
 from grpo.rollout import encode_samples
-from models.qwen_vl import completion_logprobs, load_policy, save_processor
+from models.logprobs import completion_logprobs
+from models.qwen_vl import load_policy, save_processor
 
 # One fixed thought: the tiny model cannot reason, its think block is format. With five varied
 # phrases, 150 steps learned only how often the taste gives each rating, not which image gets

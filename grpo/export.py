@@ -1,13 +1,14 @@
 """A checkpoint as a plain Hugging Face folder: ``python -m grpo.export CHECKPOINT OUT [--dtype bfloat16]``.
 
-A sharded checkpoint of an FSDP run (``grpo.sharded_checkpoint``) holds each rank's shards of the
-weights; this reads them all in one process (no GPU, no process group) and writes the consolidated
-weights with ``save_pretrained`` (safetensors, split into ≤ 5 GB files with an index, config and
-generation config), plus the processor (``models.qwen_vl.save_processor``). The folder loads with
-``models.qwen_vl.load_policy``, ``eval.evaluate``, ``eval.rank`` and plain transformers. An
-unsharded checkpoint (DDP or one process) already is such a folder; it is copied as weights +
-config + processor. Memory: one copy of the model in the chosen dtype on the CPU (7B in float32:
-33 GB; ``--dtype bfloat16`` halves it and the folder).
+A sharded checkpoint of an FSDP run (``grpo.run.sharded_checkpoint``) holds each rank's shards of
+the weights; its ``consolidate_weights`` reads them all in one process (no GPU, no process group)
+and writes the consolidated weights with ``save_pretrained`` (safetensors, split into ≤ 5 GB files
+with an index, config and generation config), plus the processor
+(``models.qwen_vl.save_processor``). The folder loads with ``models.qwen_vl.load_policy``,
+``eval.evaluate``, ``eval.rank`` and plain transformers. An unsharded checkpoint (DDP or one
+process) already is such a folder; it is copied as weights + config + processor. Memory: one copy
+of the model in the chosen dtype on the CPU (7B in float32: 33 GB; ``--dtype bfloat16`` halves it
+and the folder).
 """
 
 from __future__ import annotations
@@ -15,45 +16,18 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
-from data.errors import CheckpointError, user_errors_exit
-from grpo.manifest import check_model_source, load_errors_as_checkpoint_error
-
-
-def consolidate_weights(ckpt: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write the full weights of the sharded ``ckpt`` to ``out`` as a Hugging Face model folder."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
-    from transformers import AutoConfig, GenerationConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.initialization import no_init_weights
-
-    from grpo.sharded_checkpoint import MODEL_SHARDS
-
-    ckpt, out = Path(ckpt), Path(out)
-    config = AutoConfig.from_pretrained(ckpt, local_files_only=True)
-    with no_init_weights():  # the weights are read below; buffers (rotary frequencies) are built as usual
-        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
-    state = model.state_dict()
-    with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point
-        warnings.simplefilter("ignore", UserWarning)
-        # in place, in this process alone (no collective, even inside a torchrun job)
-        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(ckpt / MODEL_SHARDS)), no_dist=True)
-    if dtype is not None:
-        model.to(dtype)
-    if (ckpt / "generation_config.json").exists():
-        model.generation_config = GenerationConfig.from_pretrained(ckpt)
-    model.save_pretrained(out, safe_serialization=True)
-    return out
+from common.errors import CheckpointError, user_errors_exit
+from common.manifest import check_model_source, load_errors_as_checkpoint_error
+from grpo.run.sharded_checkpoint import consolidate_weights, is_sharded_checkpoint
+from models.qwen_vl import load_policy, load_processor, save_processor
 
 
 def export(ckpt: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
     """``ckpt`` (sharded or not) → a Hugging Face folder at ``out`` with weights, config and processor."""
-    from grpo.sharded_checkpoint import is_sharded_checkpoint
-    from models.qwen_vl import load_policy, load_processor, save_processor
 
     ckpt, out = Path(ckpt), Path(out)
     if not (ckpt / "config.json").is_file():

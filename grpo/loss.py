@@ -9,7 +9,7 @@ For completion i of a group and its token t, with ρ_it = π_θ(o_it | q, o_i<t)
 Shape key: ``N = B·G`` completions, ``T`` completion tokens (right-padded; ``mask_NT`` is 1 on
 real tokens). All log-probabilities are per token, ``log π(o_it | …)``, shape (N, T).
 
-Deviations from the paper, on purpose (DESIGN §4):
+Deviations from the paper, on purpose (all of them: docs/math.md):
 
 - **KL estimator.** The paper writes the KL term as the log ratio log(π_θ/π_ref) (``k1``). By
   default we use Schulman's ``k3`` = π_ref/π_θ − log(π_ref/π_θ) − 1, which is unbiased for

@@ -16,10 +16,10 @@ autocast (``grpo.train.autocast``). ``model.dtype`` is the storage dtype of the 
 only: the reference copy, a frozen vision tower, LoRA's base model. Why: an AdamW update at the
 paper's lr 1e-6 is far below half the bfloat16 spacing of a typical weight (|w| ≈ 0.02 → spacing
 ≈ 1.2e-4), so stepping bfloat16 weights directly rounds ~98% of the updates away and trains
-nothing, silently (DESIGN §8). The cost: 4 bytes per trainable parameter for the weight, 4 for its
-gradient and 8 for Adam's two moments, 16 B in all (2 + 2 + 4 + 4 = 12 B for pure bfloat16 with
-float32 moments); the README's real-model section gives the totals for the 7B. Checkpoints keep
-the float32 master weights, so resume is exact.
+nothing, silently (docs/facts.md). The cost: 4 bytes per trainable parameter for the weight, 4 for
+its gradient and 8 for Adam's two moments, 16 B in all, where pure bfloat16 takes 8 B (2 + 2 + 4:
+torch's AdamW keeps both moments in the weight's dtype); docs/real-runs.md gives the totals for
+the 7B. Checkpoints keep the float32 master weights, so resume is exact.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from grpo.config import LANGUAGE_LORA_TARGET, VISION_LORA_TARGET, Config
+from common.config import LANGUAGE_LORA_TARGET, VISION_LORA_TARGET, Config
 from models.qwen_vl import load_policy, set_pixel_bounds
 
 

@@ -1,8 +1,9 @@
 """Group sampling and the rollout buffer.
 
-One GRPO step samples ``G`` completions for each of ``B`` prompts with a single batched
-``generate`` call, scores them, and keeps everything the update passes need in a
-``RolloutBuffer``:
+One GRPO step samples ``G`` completions for each of ``B`` prompts
+(``models.sampling.sample_completions``: by default, ``grpo.share_prefix``, each prompt is
+prefilled once and our own loop samples its G continuations), scores them, and keeps everything
+the update passes need in a ``RolloutBuffer``:
 
 | field          | shape   | meaning |
 |----------------|---------|---------|
@@ -29,7 +30,8 @@ from PIL import Image
 
 from data.prompts import messages_for
 from data.types import TrainSample
-from models.qwen_vl import build_inputs, completion_logprobs, render_prompt, select_rows
+from models.logprobs import completion_logprobs
+from models.qwen_vl import build_inputs, group_rows, render_prompt, select_rows
 
 
 @dataclass
@@ -46,15 +48,20 @@ class RolloutBuffer:
     advantages_N: torch.Tensor | None = None
     old_logp_NT: torch.Tensor | None = None
     ref_logp_NT: torch.Tensor | None = None
-    share_prefix: bool = False  # minibatches hold each prompt once (see Minibatch.prompt_rows)
+    share_prefix: bool = False  # each prompt once per minibatch (Minibatch.prompt_rows); grpo_step passes it
 
     @property
     def num_completions(self) -> int:
         return self.ids_NT.shape[0]
 
+    @property
+    def prompt_rows_N(self) -> torch.Tensor:
+        """The prompt (row of ``inputs`` and of ``samples``) of each completion, ``(N,)``."""
+        return group_rows(self.num_completions // self.group_size, self.group_size)
+
     def targets_N(self) -> list[int]:
         """The target of each completion: its prompt's human answer, repeated G times."""
-        return [s.target for s in self.samples for _ in range(self.group_size)]
+        return [self.samples[b].target for b in self.prompt_rows_N.tolist()]
 
     def minibatches(self, size: int) -> Iterator[Minibatch]:
         """Consecutive slices of ``size`` completions, with their prompt rows and images."""
@@ -66,7 +73,7 @@ class RolloutBuffer:
         def pick(t):
             return None if t is None else t[rows]
 
-        prompts, prompt_rows = rows // self.group_size, None
+        prompts, prompt_rows = self.prompt_rows_N[rows], None
         if self.share_prefix:  # each prompt once; completion i continues prompt row prompt_rows[i]
             prompts, prompt_rows = torch.unique_consecutive(prompts, return_inverse=True)
         return Minibatch(

@@ -2,7 +2,8 @@
 
 One step, in the order of the paper (arXiv 2503.19948 §2.2, after DeepSeekMath's GRPO):
 
-1. sample B prompts and G completions for each, in one batched ``generate``;
+1. sample B prompts and G completions for each (``grpo.share_prefix``, the default: each prompt is
+   prefilled once and our own sampling loop continues it G times; off: one batched ``generate``);
 2. score every completion with the task's rewards (format + exact [+ approximate]);
 3. normalise rewards within each group: A_i = (r_i − mean) / (std + 1e-4);
 4. compute log π_ref (β > 0) and log π_θold (μ > 1) without gradients;
@@ -12,7 +13,11 @@ One step, in the order of the paper (arXiv 2503.19948 §2.2, after DeepSeekMath'
 Under ``torchrun`` every rank samples whole groups of its own prompts (so advantages stay
 local) and the gradients are averaged across ranks: DDP keeps a full copy of everything on every
 rank, FSDP2 shards weights, gradients, optimizer state and reference (``train.strategy``,
-``grpo.distributed``). ``grpo.memory``'s plan of the run is printed before the model is loaded.
+``grpo.run.distributed``). ``grpo.memory``'s plan of the run is printed before the model is loaded.
+
+This file holds the step and the loop; the machinery of a run (the sample stream, checkpoints,
+ranks, the memory plan) is in ``grpo.run``, and the held-out evaluation calls down into the
+scoring layer, ``eval.evaluate.evaluate``.
 
 Deviations from the paper, on purpose: the KL term uses the k3 estimator by default
 (``grpo.loss``); the group std is the unbiased one (``grpo.advantages``); log-probs of a
@@ -23,7 +28,6 @@ minibatch holds the whole batch.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -32,122 +36,43 @@ from collections import Counter, defaultdict
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data.errors import CheckpointError, DataError, user_errors_exit
-from data.images import BadImageError
+from common.config import Config, load_config, save_config
+from common.errors import CheckpointError, user_errors_exit
+from common.manifest import check_model_source, check_same_task, load_errors_as_checkpoint_error, task_record
 from data.prompts import answer_values
-from data.sets import drop_long_prompts
+from data.read import read_eval_set, read_train_set
+from eval.evaluate import evaluate
 from grpo.advantages import group_advantages, group_stats
-from grpo.checkpoint import load_trainer_state, resolve_resume, save_checkpoint, trim_logs
-from grpo.config import Config, load_config, save_config
-from grpo.distributed import (
-    check_supported,
-    clip_grad_norm,
-    compute_in_bf16,
-    gathered,
-    is_sharded,
-    prepare,
-    weight_checksum,
-)
 from grpo.loss import grpo_loss
-from grpo.manifest import check_model_source, check_same_task, load_errors_as_checkpoint_error, task_record
 from grpo.policy import build_policy, reference_logprobs
 from grpo.rewards import compute_rewards
 from grpo.rollout import RolloutBuffer, buffer_logprobs, encode_samples
-from grpo.sharded_checkpoint import is_sharded_checkpoint, load_sharded_trainer_state, save_sharded_checkpoint
-from models.qwen_vl import completion_logprobs, sample_completions
-from models.soft_head import unwrap
-
-DATA_HELP = {
-    "imagereward": "download THUDM/ImageRewardDB (metadata-*.parquet and images/{train,validation,test}/*.zip) "
-    "into that folder, e.g. `huggingface-cli download THUDM/ImageRewardDB --repo-type dataset --local-dir DIR`",
-    "hpdv2": "download ymhao/HPDv2 (train.json, test.json and the train/ and test/ image folders) into that folder, "
-    "e.g. `huggingface-cli download ymhao/HPDv2 --repo-type dataset --local-dir DIR` and extract the image archives",
-}
-
-
-# --------------------------------------------------------------------------------------- data
-
-
-class SampleStream:
-    """The training order of one rank: a fresh seeded permutation every epoch, rank r of W
-    taking every W-th sample. ``position`` (samples consumed by this rank) is all its state."""
-
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, position: int = 0):
-        self.n, self.seed, self.rank, self.world, self.position = n, seed, rank, world, position
-        self._epoch, self._order = -1, None
-
-    def next_index(self) -> int:
-        k = self.position * self.world + self.rank  # global index in the endless sequence of epochs
-        epoch, i = divmod(k, self.n)
-        if epoch != self._epoch:
-            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        self.position += 1
-        return int(self._order[i])
-
-
-def next_batch(stream: SampleStream, samples: list, size: int, skipped: Counter) -> tuple[list, list]:
-    """``size`` samples with decoded images; samples whose images fail to decode are skipped."""
-    batch, images, failures = [], [], 0
-    while len(batch) < size:
-        sample = samples[stream.next_index()]
-        try:
-            images.append([ref.load() for ref in sample.images])
-        except BadImageError as e:
-            skipped["bad image"] += 1
-            failures += 1
-            tqdm.write(f"skipped sample {sample.sample_id}: {e}")
-            if failures > 10 * size + 100:
-                raise DataError("too many undecodable images in a row; is the dataset folder intact?") from e
-            continue
-        batch.append(sample)
-    return batch, images
-
-
-def read_train_set(cfg: Config):
-    """The training samples of ``data.kind`` from ``data.root``."""
-    d = cfg.data
-    if d.kind == "imagereward":
-        from data.imagereward import read_train
-
-        train_set = read_train(d.root, split=d.split, subset=d.subset or None, rating_field=d.rating_field,
-                               rating_values=d.rating_values)  # fmt: skip
-    else:
-        from data.hpdv2 import read_train
-
-        train_set = read_train(d.root, fraction=d.pair_fraction, seed=d.seed)
-    if d.max_samples:
-        train_set.samples = train_set.samples[: d.max_samples]
-    if not train_set.samples:
-        raise DataError(f"no usable training samples in {d.root} (skipped: {dict(train_set.skipped)})")
-    return train_set
-
-
-def read_eval_groups(cfg: Config) -> list:
-    root = cfg.eval.root or cfg.data.root
-    if cfg.data.kind == "imagereward":
-        from data.imagereward import read_eval
-
-        groups = read_eval(root, split=cfg.eval.split, rating_field=cfg.data.rating_field,
-                           rating_values=cfg.data.rating_values).groups  # fmt: skip
-    else:
-        from data.hpdv2 import read_eval
-
-        groups = read_eval(root).groups
-    return groups[: cfg.eval.max_groups] if cfg.eval.max_groups else groups
-
-
-def check_data_folder(cfg: Config) -> None:
-    """Fail with instructions before any model is loaded if the dataset folder is missing."""
-    for key, root in (("data.root", cfg.data.root), ("eval.root", cfg.eval.root or cfg.data.root)):
-        if not Path(root).is_dir():
-            raise DataError(f"dataset folder {root!r} not found: {DATA_HELP[cfg.data.kind]}, "
-                            f"or point {key}=... at it")  # fmt: skip
-
+from grpo.run.checkpoint import load_trainer_state, log_step, resolve_resume, save_checkpoint, trim_logs
+from grpo.run.distributed import (
+    average_across_ranks,
+    check_supported,
+    clip_grad_norm,
+    compute_in_bf16,
+    gather_rank_states,
+    gathered,
+    is_sharded,
+    prepare,
+    setup_distributed,
+)
+from grpo.run.memory_plan import print_memory_plan
+from grpo.run.sharded_checkpoint import (
+    is_sharded_checkpoint,
+    load_sharded_trainer_state,
+    save_sharded_checkpoint,
+)
+from grpo.run.stream import SampleStream, check_data_folder, drop_prompts_too_long, next_batch
+from models.logprobs import completion_logprobs
+from models.qwen_vl import unwrap
+from models.sampling import sample_completions
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -177,7 +102,7 @@ def to_device(batch: dict, device) -> dict:
 
 def autocast(cfg: Config, device: torch.device):
     """bfloat16 compute over float32 master weights (``grpo.policy``): ``model.dtype=bfloat16`` or
-    ``train.bf16``. Under FSDP the all-gather casts to bf16 instead (``grpo.distributed``)."""
+    ``train.bf16``. Under FSDP the all-gather casts to bf16 instead (``grpo.run.distributed``)."""
     on = compute_in_bf16(cfg) and not (cfg.train.strategy == "fsdp" and dist.is_initialized())
     return torch.autocast(device.type, dtype=torch.bfloat16) if on else nullcontext()
 
@@ -186,23 +111,27 @@ def autocast(cfg: Config, device: torch.device):
 
 
 def grpo_step(
-    policy, train_model, reference, processor, optimizer, samples, images, rating_values, cfg, device
-):
-    """One GRPO step on B samples; returns the filled rollout buffer and the step's metrics."""
-    g, task = cfg.grpo, samples[0].task
+    policy, train_model, reference, processor, optimizer, samples, images, rating_values, cfg, device,
+    min_new_tokens: int = 0,
+):  # fmt: skip
+    """One GRPO step on B samples; returns the filled rollout buffer and the step's metrics.
+
+    ``min_new_tokens`` > 0 holds back every completion's end (the benchmark's fixed lengths).
+    """
+    g, s, task = cfg.grpo, cfg.grpo.sampling, samples[0].task
     B, G = len(samples), g.group_size
     valid = answer_values(task, rating_values or ())
     t = {}
 
-    # 1. Sample B prompts × G completions with one batched generate.
+    # 1. Sample B prompts × G completions (each prompt prefilled once with share_prefix).
     with timed(t, "generate"), autocast(cfg, device):
         inputs = to_device(encode_samples(processor, samples, images, rating_values), device)
         policy.eval()
         with gathered(policy):  # FSDP: the whole policy once per rollout, not once per token
-            comp = sample_completions(policy, processor, inputs, G, g.max_new_tokens, g.temperature,
-                                      share_prefix=g.share_prefix)  # fmt: skip
+            comp = sample_completions(policy, processor, inputs, G, s.max_new_tokens, s.temperature,
+                                      min_new_tokens=min_new_tokens, share_prefix=s.share_prefix)  # fmt: skip
     buf = RolloutBuffer(inputs, G, comp.ids_NT, comp.mask_NT, comp.texts, comp.truncated_N, samples,
-                        share_prefix=g.share_prefix)  # fmt: skip
+                        share_prefix=s.share_prefix)  # fmt: skip
 
     # 2. Rewards of every completion, and 3. group-normalised advantages.
     with timed(t, "score"):
@@ -215,9 +144,9 @@ def grpo_step(
     # 4. Log-probs without gradients: the frozen reference (β > 0) and the sampling policy (μ > 1).
     with timed(t, "reference"), autocast(cfg, device):
         if g.kl_coef > 0:
-            buf.ref_logp_NT = reference_logprobs(policy, reference, buf, g.minibatch_size, g.temperature)
+            buf.ref_logp_NT = reference_logprobs(policy, reference, buf, g.minibatch_size, s.temperature)
         if g.ppo_epochs > 1:
-            buf.old_logp_NT = buffer_logprobs(policy, buf, g.minibatch_size, g.temperature)
+            buf.old_logp_NT = buffer_logprobs(policy, buf, g.minibatch_size, s.temperature)
 
     # 5. μ passes of the clipped objective, one optimizer step each.
     with timed(t, "update"):
@@ -253,7 +182,7 @@ def update_pass(model, optimizer, buf: RolloutBuffer, cfg: Config, device) -> di
         weight = len(mb.rows) / buf.num_completions
         with sync, autocast(cfg, device):
             logp_NT = completion_logprobs(
-                model, mb.inputs, mb.ids_NT, mb.mask_NT, g.temperature, mb.prompt_rows
+                model, mb.inputs, mb.ids_NT, mb.mask_NT, g.sampling.temperature, mb.prompt_rows
             )
             loss, stats = grpo_loss(logp_NT, mb.old_logp_NT, mb.ref_logp_NT, mb.advantages_N, mb.mask_NT,
                                     g.clip_eps, g.kl_coef, g.kl_estimator, g.loss_agg)  # fmt: skip
@@ -270,38 +199,13 @@ def update_pass(model, optimizer, buf: RolloutBuffer, cfg: Config, device) -> di
 # ----------------------------------------------------------------------------------- the loop
 
 
-def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """Rank, world size and device; initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world, device
-
-
-def average_across_ranks(metrics: dict, world: int) -> dict:
-    if world == 1:
-        return metrics
-    keys = sorted(metrics)
-    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: v / world for k, v in zip(keys, t.tolist())}
-
-
 def train(cfg: Config) -> Path:
     """Run GRPO as configured; return the folder of the final checkpoint."""
     rank, world, device = setup_distributed(cfg.train.device)
     check_supported(cfg, world)
     out = Path(cfg.train.output_dir)
     train_set = read_train_set(cfg)
-    eval_groups = read_eval_groups(cfg) if cfg.eval.every else []
+    eval_groups = heldout_groups(cfg) if cfg.eval.every else []
     ckpt = resolve_resume(cfg.train.resume, out)
     check_same_task(ckpt, train_set)
     check_model_source(cfg.model.name_or_path)
@@ -379,46 +283,27 @@ def train(cfg: Config) -> Path:
     return out / f"checkpoint-{cfg.train.steps:06d}"
 
 
-def print_memory_plan(cfg: Config, world: int, device: torch.device) -> None:
-    """``grpo.memory``'s plan of this run on this hardware, before training starts."""
-    from grpo.memory import device_memory, format_plan, plan_for_config
-
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    plan = plan_for_config(cfg, world, device_memory(device, local), download=True)
-    print(format_plan(plan), file=sys.stderr)
-
-
-def gather_rank_states(policy, position: int, world: int) -> list[dict]:
-    """Each rank's data position, RNG states and a weight checksum, collected on every rank.
-
-    The checksums (the float64 sum of every trainable weight) must agree: DDP keeps ranks in sync;
-    under FSDP it is the sum over all shards.
-    """
-    mine = {"position": position, "torch": torch.get_rng_state(), "checksum": weight_checksum(policy)}
-    if torch.cuda.is_available():
-        mine["cuda"] = torch.cuda.get_rng_state()
-    if world == 1:
-        return [mine]
-    gathered = [None] * world
-    dist.all_gather_object(gathered, mine)  # pickles in transit between our own processes only
-    return gathered
+def heldout_groups(cfg: Config) -> list:
+    """The held-out groups evaluated every ``eval.every`` steps: the first ``eval.max_groups``."""
+    groups = read_eval_set(cfg.data.kind, cfg.eval_root, cfg.eval.split, cfg.data.rating_field,
+                           cfg.data.rating_values).groups  # fmt: skip
+    return groups[: cfg.eval.max_groups] if cfg.eval.max_groups else groups
 
 
 def run_eval(policy, processor, groups, rating_values, cfg: Config, rank: int, world: int) -> dict:
     """Held-out evaluation on rank 0 (the others wait); returns ``eval/…`` metrics.
 
-    It runs on a forked RNG, so evaluating does not change the training run's random stream.
+    It calls down into the scoring layer (``eval.evaluate.evaluate``) on a forked RNG, so
+    evaluating does not change the training run's random stream.
     """
     report = {}
     with gathered(policy):  # FSDP: every rank gathers, rank 0 alone runs forwards
         if rank == 0:
-            from eval.evaluate import evaluate
-
             policy.eval()
             device = next(policy.parameters()).device
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 report = evaluate(unwrap(policy), processor, groups, cfg.data.kind, rating_values, cfg.eval,
-                                  cfg.eval.max_new_tokens or cfg.grpo.max_new_tokens, progress=False)  # fmt: skip
+                                  cfg.eval_max_new_tokens, progress=False)  # fmt: skip
         if world > 1:
             dist.barrier()
     return {f"eval/{k}": v for k, v in flatten(report).items() if isinstance(v, (int, float))}
@@ -432,29 +317,6 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def drop_prompts_too_long(train_set, eval_groups: list, tokenizer, max_tokens: int) -> None:
-    """Skip and count prompts over ``data.max_prompt_tokens`` (they would exhaust memory)."""
-    train_set.samples = drop_long_prompts(
-        train_set.samples, tokenizer, max_tokens, train_set.skipped, "sample"
-    )
-    eval_groups[:] = drop_long_prompts(eval_groups, tokenizer, max_tokens, Counter(), "eval prompt")
-    if not train_set.samples:
-        raise DataError(f"no training prompt is within data.max_prompt_tokens={max_tokens}: "
-                        f"skipped {dict(train_set.skipped)}")  # fmt: skip
-
-
-def log_step(out: Path, metrics: dict, buf: RolloutBuffer, n_completions: int) -> None:
-    with open(out / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps(metrics) + "\n")
-    with open(out / "completions.jsonl", "a") as fh:
-        for n in range(min(n_completions, buf.num_completions)):
-            sample = buf.samples[n // buf.group_size]
-            row = {"step": metrics["step"], "sample_id": sample.sample_id, "target": sample.target,
-                   "text": buf.texts[n], "reward": float(buf.rewards_N[n]),
-                   **{k: float(v[n]) for k, v in buf.components.items()}}  # fmt: skip
-            fh.write(json.dumps(row) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,7 @@ checkpointing the layers may keep them (``cache_kept_under_checkpointing``) and 
 composes with checkpointing: each layer of the prompt forward and of the completion forward is
 recomputed in the backward from its input alone.
 
-Shapes as in ``models.loading``; ``P`` distinct prompts, ``N`` continuations, ``K`` new tokens per call.
+Shapes as in ``models.qwen_vl``; ``P`` distinct prompts, ``N`` continuations, ``K`` new tokens per call.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from contextlib import contextmanager
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from models.loading import unwrap
+from models.qwen_vl import unwrap
 
 
 def rope_positions(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

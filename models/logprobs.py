@@ -33,8 +33,10 @@ from contextlib import contextmanager
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from common.config import SamplingSpec
 from models.kv_cache import cache_kept_under_checkpointing, decode, prefill_shared
-from models.loading import select_rows, unwrap, vision_token_ids
+from models.qwen_vl import select_rows, unwrap, vision_token_ids
+from models.sampling import at_temperature
 
 # float32 logits of one chunk of positions: 64 MiB is 110 positions at V = 152,064 (the whole batch
 # at the tiny model's V = 896). Larger chunks gain little: the LM head's matrix product is already
@@ -47,7 +49,7 @@ def completion_logprobs(
     inputs: dict[str, torch.Tensor],
     completion_ids_NT: torch.Tensor,
     completion_mask_NT: torch.Tensor,
-    temperature: float = 1.0,
+    temperature: float = SamplingSpec.temperature,
     prompt_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token log π(y_t | prompt, images, y_<t) of the completions, float32 ``(N, T)``, 0 on padding.
@@ -67,7 +69,7 @@ def token_logprobs(
     hidden_NTH: torch.Tensor,
     ids_NT: torch.Tensor,
     mask_NT: torch.Tensor,
-    temperature: float = 1.0,
+    temperature: float = SamplingSpec.temperature,
     chunk_bytes: int | None = None,
     suppressed: list[int] | None = None,
 ) -> torch.Tensor:
@@ -166,8 +168,7 @@ class _ChunkScores:
             torch.mm(h_CH.to(self.weight.dtype), self.weight.t(), out=z_CV)
         else:
             z_CV.copy_(torch.mm(h_CH.to(self.weight.dtype), self.weight.t(), out=self.z_low[:C]))
-        if self.temperature != 1.0:
-            z_CV.div_(self.temperature)
+        at_temperature(z_CV, self.temperature, in_place=True)
         return z_CV.index_fill_(-1, self.suppressed, -torch.inf)
 
     def low(self, d_CV):
@@ -191,7 +192,7 @@ def _module_logprobs(head, h_MH, ids_M, temperature, suppressed_S, chunk) -> tor
 def _chunk_logprobs(
     head, h_CH: torch.Tensor, ids_C: torch.Tensor, temperature: float, suppressed_S
 ) -> torch.Tensor:
-    logits_CV = head(h_CH).float() / temperature  # (C, V): the only vocabulary-sized tensor
+    logits_CV = at_temperature(head(h_CH).float(), temperature)  # (C, V): the only vocabulary-sized tensor
     logits_CV = logits_CV.index_fill(-1, suppressed_S, -torch.inf)  # never sampled, never scored
     return logits_CV.gather(-1, ids_C[:, None]).squeeze(-1) - logits_CV.logsumexp(dim=-1)  # (C,)
 
@@ -258,7 +259,7 @@ def completion_logits(
     inputs: dict[str, torch.Tensor],
     completion_ids_NT: torch.Tensor,
     completion_mask_NT: torch.Tensor,
-    temperature: float = 1.0,
+    temperature: float = SamplingSpec.temperature,
     prompt_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits / temperature at the positions that predict completion tokens, float32 ``(N, T, V)``.
@@ -283,7 +284,9 @@ def completion_logits(
         use_cache=False,
         **extra,
     )
-    logits_NTV = out.logits[:, :-1, :].float() / temperature  # (N, T, V): position t predicts token t
+    logits_NTV = at_temperature(
+        out.logits[:, :-1, :].float(), temperature
+    )  # (N, T, V): position t predicts token t
     suppressed = torch.tensor(vision_token_ids(model), device=logits_NTV.device)
     return logits_NTV.index_fill(-1, suppressed, -torch.inf)  # as sampled: the vision tokens never are
 

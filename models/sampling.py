@@ -11,12 +11,12 @@
 - ``sample_shared_first_image``: pair requests that open with the same prompt and first image
   (anchor ranking) share the prefill of that opening.
 
-Facts this module relies on (DESIGN §8, measured with transformers 5.23): sampling suppresses
+Facts this module relies on (docs/facts.md, measured with transformers 5.23): sampling suppresses
 the vision special tokens (a random model may sample ``<|image_pad|>``, and the re-forward then
 fails) and uses ``top_k=0, top_p=1.0`` so that the distribution we sample from is the one we
 score; the checkpoint's ``generation_config.json`` is hidden from ``generate``.
 
-Shapes as in ``models.loading``; ``N = B·G`` completions, ``T`` completion tokens.
+Shapes as in ``models.qwen_vl``; ``N = B·G`` completions, ``T`` completion tokens.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import torch
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache
 
+from common.config import SamplingSpec
 from models.kv_cache import GrowingLayer, decode, prefill_prompts, rope_positions
-from models.loading import image_counts, unwrap, vision_token_ids
+from models.qwen_vl import group_rows, image_counts, unwrap, vision_token_ids
 
 
 @dataclass
@@ -46,6 +47,14 @@ class Completions:
     mask_NT: torch.Tensor
     texts: list[str]
     truncated_N: torch.Tensor  # True where the completion hit max_new_tokens without ending
+
+
+def at_temperature(logits: torch.Tensor, temperature: float, in_place: bool = False) -> torch.Tensor:
+    """``logits / τ``: the one place the temperature enters a distribution, for sampling and for the
+    log-probs that score what was sampled. τ = 1 leaves the logits as they are."""
+    if temperature == 1.0:
+        return logits
+    return logits.div_(temperature) if in_place else logits / temperature
 
 
 def sampling_config(model, processor, max_new_tokens: int, temperature: float, min_new_tokens: int = 0):
@@ -133,7 +142,7 @@ def sample_completions(
     inputs: dict[str, torch.Tensor],
     group_size: int,
     max_new_tokens: int,
-    temperature: float = 1.0,
+    temperature: float = SamplingSpec.temperature,
     min_new_tokens: int = 0,
     return_scores: bool = False,
     share_prefix: bool = False,
@@ -141,10 +150,12 @@ def sample_completions(
 ) -> Completions | tuple[Completions, torch.Tensor]:
     """Sample ``group_size`` completions per prompt.
 
-    By default with one batched ``generate`` call, which repeats every prompt G times *before*
-    the prefill. With ``share_prefix`` each prompt (with its images) is prefilled once and its
-    KV cache shared by its G completions (``sample_shared_prefix``, whose loop draws with
-    ``draw``): same distribution, the prompt's cost no longer grows with G.
+    With ``share_prefix`` (what training and evaluation run: ``SamplingSpec.share_prefix``, which
+    every caller passes) each prompt (with its images) is prefilled once and its KV cache shared by
+    its G completions (``sample_shared_prefix``, whose loop draws with ``draw``): same
+    distribution, the prompt's cost no longer grows with G. Without it, one batched ``generate``
+    call, which repeats every prompt G times *before* the prefill: the reference the tests hold
+    our loop to.
 
     With ``return_scores`` the raw logits of each step come back too, ``(N, T, V)``, which the
     tests compare with our re-forward log-probs.
@@ -187,7 +198,7 @@ def sample_shared_prefix(
     inputs: dict[str, torch.Tensor],
     group_size: int,
     max_new_tokens: int,
-    temperature: float = 1.0,
+    temperature: float = SamplingSpec.temperature,
     min_new_tokens: int = 0,
     return_scores: bool = False,
     draw: Callable[[torch.Tensor], torch.Tensor] = draw_tokens,
@@ -202,7 +213,7 @@ def sample_shared_prefix(
     ``return_scores`` returns the raw logits of each step, ``(N, T, V)``.
     """
     B = inputs["input_ids"].shape[0]
-    rows_N = torch.arange(B, device=inputs["input_ids"].device).repeat_interleave(group_size)  # n → n // G
+    rows_N = group_rows(B, group_size, inputs["input_ids"].device)  # (N,)
     kv, logits_BV, next_B = prefill_prompts(model, inputs)
     return _sample_from_cache(model, processor, kv, rows_N, logits_BV, inputs["attention_mask"], next_B,
                               max_new_tokens, temperature, min_new_tokens, return_scores, draw)  # fmt: skip
@@ -239,8 +250,7 @@ def _sample_from_cache(
         if return_scores:
             raw.append(logits_NV.clone())
         scores_NV = logits_NV.float()  # the step's own logits: scaled and masked in place
-        if temperature != 1.0:
-            scores_NV.div_(temperature)
+        at_temperature(scores_NV, temperature, in_place=True)
         scores_NV[:, suppressed] = -torch.inf
         if t < min_new_tokens:
             scores_NV[:, eos] = -torch.inf
@@ -267,7 +277,7 @@ def sample_shared_first_image(
     inputs: dict[str, torch.Tensor],
     group_size: int,
     max_new_tokens: int,
-    temperature: float = 1.0,
+    temperature: float = SamplingSpec.temperature,
     min_new_tokens: int = 0,
     return_scores: bool = False,
     draw: Callable[[torch.Tensor], torch.Tensor] = draw_tokens,
@@ -373,7 +383,7 @@ def sample_shared_first_image(
     logits_BV = out.logits[:, -1]
 
     # 3. G completions per prompt row.
-    rows_N = torch.arange(B, device=device).repeat_interleave(group_size)  # completion n → prompt n // G
+    rows_N = group_rows(B, group_size, device)  # (N,)
     kv = [(layer.keys, layer.values) for layer in cache.layers]  # (B, kv_heads, Lp + Ls, d)
     return _sample_from_cache(model, processor, kv, rows_N, logits_BV, attention_mask, next_B, max_new_tokens,
                               temperature, min_new_tokens, return_scores, draw)  # fmt: skip

@@ -13,6 +13,10 @@ answer there still gets a defined score: its text up to ``</think>`` (or all of 
 by ``</think><answer>`` and the logits are read at the end of that (one extra forward, for
 those rows only).
 
+Soft scores are read at τ = 1 whatever temperature sampled the reasoning: ``logits_at`` returns
+the LM head's raw logits and nothing here divides them. The temperature shapes which reasoning
+``C`` is written; the answer distribution given ``C`` is the model's own.
+
 Shapes: ``N`` completions, ``L`` prompt tokens, ``T`` completion tokens, ``V`` vocabulary, ``H`` hidden.
 """
 
@@ -21,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from data.prompts import ANSWER_OPEN, THINK_CLOSE, parse_completion
-from models.loading import select_rows, unwrap
+from models.qwen_vl import select_rows, unwrap
 
 
 def expected_rating(logits: torch.Tensor, rating_token_ids, rating_values) -> torch.Tensor:

@@ -13,10 +13,10 @@ whose folder looks exactly like a real checkpoint:
   saved under the standard ``Qwen2_5_VLProcessor`` class name, so that plain
   ``AutoProcessor.from_pretrained`` also loads the folder where torchvision is installed.
 
-Presets (DESIGN §8): ``tiny`` (text hidden 128 × 2 layers, vision 64 × 2 blocks, ~1.0M
-parameters), ``tiny-pairs`` (tiny's language model, small's vision tower, ~2.3M; the demo's pairwise
-run, see ``PRESETS``) and ``small`` (text 256 × 4, vision 128 × 4, ~6M) for benchmarks and the
-prompt-conditioned task. The same seed gives byte-identical weights and tokenizer files.
+Presets (what each can learn: docs/facts.md): ``tiny`` (text hidden 128 × 2 layers, vision 64 × 2
+blocks, ~1.0M parameters), ``tiny-pairs`` (tiny's language model, small's vision tower, ~2.3M; the
+demo's pairwise run, see ``PRESETS``) and ``small`` (text 256 × 4, vision 128 × 4, ~6M) for
+benchmarks and the prompt-conditioned task. The same seed gives byte-identical weights and tokenizer files.
 
 ``--like DIR`` builds instead a model of a real checkpoint's configuration shrunk only in size
 (``shrink_config``): the real vocabulary, token ids, rope and vision geometry, with random weights
@@ -82,7 +82,7 @@ PRESETS = {
     # tiny's language model with small's vision tower. Supervised on pairs alone (300 steps, the
     # true labels), tiny's answer stays the same for every pair (pair accuracy 0.49), and so it does
     # with 4 text layers (0.49) or a vision tower of 128 × 2 (0.49); with 128 × 4 it compares the
-    # two images (0.99, 25% more time per step; text 256 wide also does, 0.98, at 80% more). Issue 14.
+    # two images (0.99, 25% more time per step; text 256 wide also does, 0.98, at 80% more).
     "tiny-pairs": dict(text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_ffn=512,
                        vision_hidden=128, vision_layers=4, vision_heads=4, vision_ffn=512, mrope_section=[4, 6, 6]),
     "small": dict(text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2, text_ffn=1024,
@@ -212,7 +212,7 @@ def build_config(tok: Qwen2Tokenizer, preset: str = "tiny") -> Qwen2_5_VLConfig:
 
 def build_tiny(out_dir: str | Path, seed: int = 0, preset: str = "tiny") -> Path:
     """Write a loadable tiny Qwen2.5-VL folder to ``out_dir`` and return its path."""
-    from models.loading import ImageOnlyQwenVLProcessor, save_processor
+    from models.qwen_vl import ImageOnlyQwenVLProcessor, save_processor
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -127,7 +127,7 @@ VISION_TOKEN_NAMES = (
 
 def vision_tokens_by_name(processor) -> list[int]:
     """The ids of the five vision special tokens, looked up by name in the tokenizer: the tests'
-    own account of what ``models.loading.vision_token_ids`` reads from the config."""
+    own account of what ``models.qwen_vl.vision_token_ids`` reads from the config."""
     return processor.tokenizer.convert_tokens_to_ids(list(VISION_TOKEN_NAMES))
 
 

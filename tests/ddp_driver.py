@@ -31,9 +31,11 @@ from torch.distributed.tensor import DTensor
 
 import grpo.train as loop
 import models.logprobs
-from grpo.config import load_config
-from grpo.distributed import prepare
+from common.config import load_config
+from data.read import read_train_set
 from grpo.policy import build_policy
+from grpo.run.distributed import prepare, setup_distributed
+from grpo.run.stream import SampleStream, next_batch
 
 UPDATE_PROMPTS = 2  # per rank
 # β = 0 (no reference), and no gradient clipping, which would hide a gradient of the wrong scale
@@ -43,9 +45,9 @@ UPDATE_OVERRIDES = ["grpo.kl_coef=0", "train.max_grad_norm=1e9"]
 def update_on_fixed_rollouts(out: Path, cfg, rank: int, world: int) -> None:
     policy, _, processor = build_policy(cfg, torch.device("cpu"))
     policy, _, train_model = prepare(cfg, policy, None, world, torch.device("cpu"))
-    train_set = loop.read_train_set(cfg)
-    stream = loop.SampleStream(len(train_set.samples), cfg.train.seed, rank, world)
-    samples, images = loop.next_batch(stream, train_set.samples, UPDATE_PROMPTS, Counter())
+    train_set = read_train_set(cfg)
+    stream = SampleStream(len(train_set.samples), cfg.train.seed, rank, world)
+    samples, images = next_batch(stream, train_set.samples, UPDATE_PROMPTS, Counter())
     buf = fixed_buffer(processor, (samples, images, train_set.rating_values))
     optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
     save_file(trainable_weights(policy), out / f"start-rank{rank}.safetensors")
@@ -65,9 +67,9 @@ def one_process_update(args: list[str]):
     ranks' shares (2·UPDATE_PROMPTS prompts). Returns the policy after it and its weights before."""
     cfg = load_config(args[0], [*args[1:], *UPDATE_OVERRIDES])
     policy, _, processor = build_policy(cfg, torch.device("cpu"))
-    train_set = loop.read_train_set(cfg)
-    stream = loop.SampleStream(len(train_set.samples), cfg.train.seed)
-    batch, images = loop.next_batch(stream, train_set.samples, 2 * UPDATE_PROMPTS, Counter())
+    train_set = read_train_set(cfg)
+    stream = SampleStream(len(train_set.samples), cfg.train.seed)
+    batch, images = next_batch(stream, train_set.samples, 2 * UPDATE_PROMPTS, Counter())
     buf = fixed_buffer(processor, (batch, images, train_set.rating_values))
     start = {n: p.detach().clone() for n, p in policy.named_parameters()}
     optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
@@ -85,7 +87,7 @@ def main() -> None:
     if args.chunk_bytes:
         models.logprobs.LOGITS_CHUNK_BYTES = args.chunk_bytes
     out, argv = args.out, args.argv
-    rank, world, _ = loop.setup_distributed("cpu")
+    rank, world, _ = setup_distributed("cpu")
     update_on_fixed_rollouts(out, load_config(argv[0], [*argv[1:], *UPDATE_OVERRIDES]), rank, world)
     if args.update_only:
         return

@@ -1,4 +1,4 @@
-"""Group advantages against hand-computed numbers (DESIGN §4)."""
+"""Group advantages against hand-computed numbers (conventions: docs/math.md)."""
 
 import torch
 from torch.testing import assert_close

@@ -1,4 +1,4 @@
-"""Shared anchor prefix (issue 7, item 2e): the instructions + anchor image prefilled once per group.
+"""Shared anchor prefix: the instructions + anchor image prefilled once per group.
 
 ``sample_shared_first_image`` must be the same computation as prefilling every comparison in
 full: with the same seed the same tokens as ``generate`` (images of different sizes, so the
@@ -13,9 +13,7 @@ import torch
 from conftest import biased_towards_eos, solid
 
 from eval.score import Request, ScoringSpec, encode_requests, score_groups, seeded
-from models.prefix import sample_shared_first_image
-from models.qwen_vl import sample_completions
-from models.sampling import draw_tokens_as_generate
+from models.sampling import draw_tokens_as_generate, sample_completions, sample_shared_first_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

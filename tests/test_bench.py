@@ -1,5 +1,5 @@
-"""Smoke run of the benchmark (issue 7): ``experiments/bench.py --quick --workloads small`` end to end (~70 s);
-the real-shape workload (issue 13) takes minutes per step and is left to ``make bench``."""
+"""Smoke run of the benchmark: ``experiments/bench.py --quick --workloads small`` end to end (~70 s);
+the real-shape workload takes minutes per step and is left to ``make bench``."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_bench_quick_runs_both_sides_on_equal_work(tmp_path):
     )
     small = result["workloads"]["small"][
         "fp32"
-    ]  # DESIGN §5: workloads.{small,real}.{fp32,bf16}.{speedup,peak_rss_ratio}
+    ]  # the public contract: workloads.{small,real}.{fp32,bf16}.{speedup,peak_rss_ratio}
     assert small["speedup"] == result["speedup"]
     assert small["peak_rss_ratio"] == pytest.approx(
         result["ours"]["peak_rss_mb"] / result["trl"]["peak_rss_mb"]

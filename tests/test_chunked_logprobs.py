@@ -1,4 +1,4 @@
-"""Log-probs without (N, T, V) logits (issue 13): the chunked LM head + log-softmax against the
+"""Log-probs without (N, T, V) logits: the chunked LM head + log-softmax against the
 obvious full-vocabulary computation, on the tiny model and on a model of the real configuration
 (V = 152,064); and prefix sharing under activation checkpointing against the unshared path."""
 
@@ -9,7 +9,6 @@ import torch
 from test_models import MIXED, ONE, TWO, _batch
 
 import models.logprobs
-from models.loading import load_policy, repeat_inputs
 from models.logprobs import (
     _module_logprobs,
     completion_logits,
@@ -17,6 +16,7 @@ from models.logprobs import (
     selective_log_softmax,
     token_logprobs,
 )
+from models.qwen_vl import load_policy, repeat_inputs
 
 
 def _completions(N: int, T: int, vocab: int, seed: int):

@@ -1,4 +1,4 @@
-"""Issue 15, the commands: bad data, a bad config, a missing or damaged model or checkpoint end in
+"""Bad input, the commands: bad data, a bad config, a missing or damaged model or checkpoint end in
 one ``error: …`` line naming the file and a non-zero exit, never a traceback. A bad row that
 a run reads anyway is counted in its summary and never changes the rating scale.
 
@@ -25,8 +25,8 @@ from data.synthetic import write_hpdv2
 from eval.evaluate import main as evaluate_main
 from eval.rank import PreferenceScorer
 from eval.rank import main as rank_main
-from grpo.checkpoint import write_task
 from grpo.coldstart import main as coldstart_main
+from grpo.run.checkpoint import write_task
 from grpo.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -291,10 +291,10 @@ def test_train_on_undecodable_images_is_one_line(tmp_path, synthetic_ir, tiny_di
 
 
 def test_evaluate_with_no_decodable_image_is_a_data_error(tiny, tmp_path):
-    from data.errors import DataError
+    from common.config import EvalConfig
+    from common.errors import DataError
     from data.types import EvalGroup, ImageRef
     from eval.evaluate import evaluate
-    from grpo.config import EvalConfig
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")

@@ -110,7 +110,8 @@ def answer_nll(model_dir, train_set) -> float:
     import torch
 
     from grpo.rollout import encode_samples
-    from models.qwen_vl import completion_logprobs, load_policy
+    from models.logprobs import completion_logprobs
+    from models.qwen_vl import load_policy
 
     model, processor = load_policy(str(model_dir))
     tok, scale = processor.tokenizer, train_set.rating_values

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grpo.config import ConfigError, load_config
-from grpo.train import check_data_folder
+from common.config import ConfigError, load_config
+from grpo.run.stream import check_data_folder
 from grpo.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]

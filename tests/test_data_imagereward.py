@@ -80,7 +80,7 @@ def test_other_rating_fields_and_fixed_scale(root):
 
 
 def test_a_rating_beyond_one_digit_is_skipped_not_a_new_scale(root, tmp_path):
-    # issue 15: the scale is configured (1-7), so a row rated 10 is skipped and counted
+    # the scale is configured (1-7), so a row rated 10 is skipped and counted
     dst = _copy(root, tmp_path)
     t = pq.read_table(dst / "metadata-train.parquet")
     col = t.column("overall_rating").to_pylist()

@@ -1,4 +1,4 @@
-"""Image decoding and normalisation (data/images.py, ImageRef.load): DESIGN §9 bad input.
+"""Image decoding and normalisation (data/images.py, ImageRef.load): bad input (docs/architecture.md).
 
 Every odd-but-valid image comes out RGB with a size the Qwen2.5-VL processor accepts; every
 undecodable file raises BadImageError with one line naming the file.

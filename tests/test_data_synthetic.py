@@ -142,7 +142,7 @@ def test_cli_writes_and_refuses_a_foreign_folder(tmp_path, capsys):
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign/notes.txt").write_text("mine")
     capsys.readouterr()
-    with pytest.raises(SystemExit) as refused:  # issue 15: one line, exit 2, no traceback
+    with pytest.raises(SystemExit) as refused:  # a user error: one line, exit 2, no traceback
         main([str(tmp_path / "foreign"), "--kind", "hpdv2"])
     assert refused.value.code == 2 and "refusing" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:

@@ -22,8 +22,9 @@ import torch
 from ddp_driver import one_process_update
 from safetensors.torch import load_file
 
-from grpo.config import load_config
-from grpo.train import SampleStream, read_train_set
+from common.config import load_config
+from data.read import read_train_set
+from grpo.run.stream import SampleStream
 
 ROOT = Path(__file__).resolve().parents[1]
 B = 2  # prompts per step and rank

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.config import EvalConfig
 from data.synthetic import write_hpdv2, write_imagereward
 from data.types import EvalGroup, ImageRef
 from eval.evaluate import evaluate, main
 from eval.metrics import count_pairs
-from grpo.config import EvalConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = (1, 2, 3, 4, 5, 6, 7)

@@ -1,4 +1,4 @@
-"""FSDP2 under torchrun with 2 gloo ranks on CPU (issue 12): same weights as DDP, exact resume from
+"""FSDP2 under torchrun with 2 gloo ranks on CPU: same weights as DDP, exact resume from
 sharded checkpoints, and a consolidated folder that plain transformers, eval.evaluate and eval.rank load."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from conftest import solid
 from safetensors.torch import load_file
 
-from grpo.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +130,7 @@ def test_export_of_a_sharded_checkpoint_loads_and_scores(runs, synthetic_ir, tmp
 
 
 def test_lora_under_fsdp_is_refused_with_a_reason():
-    from grpo.distributed import check_supported
+    from grpo.run.distributed import check_supported
 
     cfg = load_config("experiments/tiny.yaml", ["train.strategy=fsdp", "model.lora_rank=8"])
     with pytest.raises(ConfigError, match="use train.strategy=ddp"):

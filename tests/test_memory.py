@@ -1,4 +1,4 @@
-"""The memory plan (issue 12): hand-checked counts, the CLI, and the plan against peak RSS measured on CPU."""
+"""The memory plan (grpo.run.memory_plan): hand-checked counts, the CLI, and the plan against peak RSS measured on CPU."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from grpo.config import load_config
-from grpo.memory import GiB, main, model_shape, plan
+from common.config import load_config
+from grpo.memory import main
+from grpo.run.memory_plan import GiB, model_shape, plan
 
 # Run in a fresh process: training's peak RSS minus the RSS just before the model is built, next to
 # the plan for the same config and the prompt length the data really has. The peak is the process's
@@ -19,10 +20,11 @@ MEASURE = r"""
 import gc, json, re, sys
 import torch
 torch.set_num_threads(1)
-from grpo.config import load_config
-from grpo.memory import model_shape, plan
+from common.config import load_config
+from grpo.run.memory_plan import model_shape, plan
 from grpo.rollout import encode_samples
-from grpo.train import read_train_set, train
+from data.read import read_train_set
+from grpo.train import train
 from models.qwen_vl import load_processor
 
 cfg = load_config("experiments/tiny.yaml", sys.argv[1:])
@@ -52,7 +54,7 @@ def measure(*overrides) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_seven_b_counts_and_the_issue_figures(real_files):
+def test_seven_b_counts_and_the_real_run_figures(real_files):
     shape = model_shape(str(real_files / "config.json"))
     # Qwen2.5-VL-7B: 8.29B parameters, of which the language model with its untied LM head is 7.62B
     assert shape.total == 8_292_166_656 and shape.language == 7_615_616_512

@@ -1,4 +1,4 @@
-"""Official metric protocols on the real ImageReward test labels and on hand-built cases (DESIGN §7)."""
+"""Official metric protocols on the real ImageReward test labels and on hand-built cases (docs/data-and-metrics.md)."""
 
 import json
 import random

@@ -1,4 +1,4 @@
-"""Foundation: the tiny model builder, inputs, sampling and per-token log-probs (issue 2)."""
+"""Foundation: the tiny model builder, inputs, sampling and per-token log-probs."""
 
 from __future__ import annotations
 
@@ -10,16 +10,9 @@ import torch
 from conftest import sampled_logprobs, solid, vision_tokens_by_name
 
 from data.prompts import messages_for
-from models.qwen_vl import (
-    build_inputs,
-    completion_logprobs,
-    load_policy,
-    render_prompt,
-    repeat_inputs,
-    sample_completions,
-    select_rows,
-    token_ids,
-)
+from models.logprobs import completion_logprobs
+from models.qwen_vl import build_inputs, load_policy, render_prompt, repeat_inputs, select_rows, token_ids
+from models.sampling import sample_completions
 from models.tiny import QWEN_SPECIAL_TOKENS, build_tiny
 
 SCALE = (1, 2, 3, 4, 5, 6, 7)
@@ -142,7 +135,7 @@ def test_load_policy_dtype(tiny_dir):
 def test_logprobs_leave_out_the_tokens_sampling_never_draws(tiny):
     # Sampling suppresses the five vision tokens, so the scored distribution must be the softmax
     # without them: the log-prob of a token rises by −log(1 − p_vision) over the full softmax.
-    from models.loading import vision_token_ids
+    from models.qwen_vl import vision_token_ids
 
     model, processor = tiny
     assert vision_token_ids(model) == vision_tokens_by_name(processor)

@@ -9,12 +9,13 @@ import torch
 from conftest import solid
 from test_soft_head import _completion_batch
 
-from grpo.config import load_config
+from common.config import load_config
 from grpo.loss import grpo_loss
 from grpo.policy import build_policy, reference_logprobs
 from grpo.rollout import RolloutBuffer, buffer_logprobs, encode_samples
 from grpo.train import autocast, update_pass
-from models.qwen_vl import build_inputs, completion_logprobs, load_policy, render_prompt
+from models.logprobs import completion_logprobs
+from models.qwen_vl import build_inputs, load_policy, render_prompt
 
 CPU = torch.device("cpu")
 G = 2

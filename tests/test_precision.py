@@ -1,8 +1,8 @@
-"""Mixed precision as shipped (issue 11): float32 master weights under bfloat16 compute.
+"""Mixed precision as shipped: float32 master weights under bfloat16 compute.
 
 The shipped experiments (``experiments/imagereward.yaml``, ``hpsv2.yaml``) fine-tune every
 language-model weight with ``model.dtype: bfloat16`` at lr 1e-6. Stepping bfloat16 weights
-directly rounds such updates away (DESIGN §8: 98% of weights unchanged after 100 steps); the
+directly rounds such updates away (docs/facts.md: 98% of weights unchanged after 100 steps); the
 policy must keep float32 master weights and still compute in bfloat16.
 """
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_train import tiny_config, weights
 
-from grpo.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 from grpo.policy import build_policy
 from grpo.train import train
 

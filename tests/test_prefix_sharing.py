@@ -1,4 +1,4 @@
-"""Prefix sharing (issue 7): one prompt forward per group, in sampling and in the log-prob passes.
+"""Prefix sharing: one prompt forward per group, in sampling and in the log-prob passes.
 
 The shared path must be the same computation as repeating every prompt G times: with
 ``generate``'s draw, the samples ``generate`` would draw with the same seed, log-probs that match the sampling distribution to
@@ -14,11 +14,12 @@ import torch
 from conftest import biased_towards_eos, sampled_logprobs, solid
 from test_models import MIXED, ONE, TWO, _batch
 
-from grpo.config import load_config
+from common.config import load_config
 from grpo.rollout import RolloutBuffer, buffer_logprobs
 from grpo.train import update_pass
-from models.qwen_vl import completion_logprobs, repeat_inputs, sample_completions
-from models.sampling import draw_tokens_as_generate
+from models.logprobs import completion_logprobs
+from models.qwen_vl import repeat_inputs
+from models.sampling import draw_tokens_as_generate, sample_completions
 
 CASES = pytest.mark.parametrize(
     "examples", [ONE, TWO, MIXED], ids=["one-image", "two-images", "mixed-left-padded"]

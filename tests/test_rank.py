@@ -85,9 +85,9 @@ def test_load_model_merges_a_lora_checkpoint(tiny_dir, tmp_path):
     """A LoRA run's checkpoint holds only the adapter: load_model merges it onto the base it names."""
     from peft import LoraConfig, get_peft_model
 
+    from common.config import LANGUAGE_LORA_TARGET
     from data.prompts import messages_for
     from eval.rank import load_model
-    from grpo.config import LANGUAGE_LORA_TARGET
     from models.qwen_vl import build_inputs, load_policy, render_prompt
 
     base, processor = load_policy(str(tiny_dir))

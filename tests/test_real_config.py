@@ -1,4 +1,4 @@
-"""The real Qwen2.5-VL-7B-Instruct files (issue 11): tokenizer, chat template, generation defaults,
+"""The real Qwen2.5-VL-7B-Instruct files: tokenizer, chat template, generation defaults,
 image processor, on a model of the real configuration shrunk only in size (``models.tiny --like``).
 
 Random weights make the outputs meaningless, never the plumbing: these tests check what the tiny
@@ -19,22 +19,24 @@ from conftest import biased_towards_eos, sampled_logprobs, solid, vision_tokens_
 from PIL import Image
 
 from data.prompts import messages_for
+from models.logprobs import completion_logprobs
 from models.qwen_vl import (
     DEFAULT_MAX_PIXELS,
     build_inputs,
-    completion_logprobs,
     image_token_count,
     load_policy,
     load_processor,
-    neutral_generation_defaults,
     render_prompt,
     repeat_inputs,
-    sample_completions,
-    sampling_config,
     set_pixel_bounds,
     token_ids,
 )
-from models.sampling import draw_tokens_as_generate
+from models.sampling import (
+    draw_tokens_as_generate,
+    neutral_generation_defaults,
+    sample_completions,
+    sampling_config,
+)
 from models.soft_head import soft_scores
 from models.tiny import CHECKPOINT_TEXT_FILES, QWEN_CHAT_TEMPLATE
 
@@ -203,7 +205,7 @@ def test_shipped_experiment_runs_on_the_real_configuration(
 ):
     # experiments/imagereward.yaml as shipped (bf16 compute over float32 masters, activation
     # checkpointing, frozen vision tower, pixel cap), only smaller: 2 steps, G = 2, 8 new tokens.
-    from grpo.config import load_config
+    from common.config import load_config
     from grpo.train import train
 
     out = tmp_path / "run"
@@ -259,7 +261,7 @@ def test_share_prefix_does_not_change_what_grpo_samples(like_dir, synthetic_ir, 
     import functools
 
     import grpo.train
-    from grpo.config import load_config
+    from common.config import load_config
     from grpo.train import train
 
     monkeypatch.setattr(grpo.train, "sample_completions",
@@ -280,7 +282,7 @@ def test_share_prefix_does_not_change_what_grpo_samples(like_dir, synthetic_ir, 
 
 
 def test_the_vision_tokens_left_out_of_the_log_probs_are_the_suppressed_ones(like):
-    from models.loading import vision_token_ids
+    from models.qwen_vl import vision_token_ids
 
     model, processor = like
     assert vision_token_ids(model) == vision_tokens_by_name(processor) == list(range(151652, 151657))

@@ -1,4 +1,4 @@
-"""Issue 15, checkpoint side: resume survives a damaged checkpoint, loads fail in one line, a
+"""Bad input, checkpoint side: resume survives a damaged checkpoint, loads fail in one line, a
 failed save leaves the previous checkpoint as it was, and a kill during a save loses nothing.
 
 One short real run (3 steps, a checkpoint after every step) is trained once per module; each test
@@ -21,10 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.errors import CheckpointError
-from grpo.checkpoint import checkpoint_dirs, load_trainer_state, resolve_resume, trim_logs
-from grpo.config import load_config
-from grpo.manifest import MANIFEST, check_model_source, read_task, verify_checkpoint, write_manifest
+from common.config import load_config
+from common.errors import CheckpointError
+from common.manifest import MANIFEST, check_model_source, read_task, verify_checkpoint, write_manifest
+from grpo.run.checkpoint import checkpoint_dirs, load_trainer_state, resolve_resume, trim_logs
 from grpo.train import train
 
 STEPS = 3

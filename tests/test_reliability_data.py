@@ -1,4 +1,4 @@
-"""Issue 15, data side: damaged copies of the synthetic datasets are read without a traceback and
+"""Bad input, data side: damaged copies of the synthetic datasets are read without a traceback and
 without silently wrong data. Every damage is applied to real files written by ``data.synthetic``;
 each test checks what was skipped (by reason), that the rest is exactly what is on disk, and that
 nothing outside the dataset folder is opened.
@@ -17,12 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from common.config import ConfigError, load_config
+from common.errors import DataError
 from data import hpdv2, imagereward
-from data.errors import DataError
 from data.prompts import messages_for
 from data.sets import drop_long_prompts, inside_root
 from data.synthetic import write_hpdv2, write_imagereward
-from grpo.config import ConfigError, load_config
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ def test_reward_table(text, fmt, exact, approx):
 
 
 def test_contract_signatures_default_to_digits():
-    # DESIGN §5: format_reward(text), exact_match_reward(text, target), approx_match_reward(text, target)
+    # the public contract: format_reward(text), exact_match_reward(text, target), approx_match_reward(text, target)
     assert format_reward("<think>x</think><answer>9</answer>") == 1.0
     assert format_reward("<think>x</think><answer>10</answer>") == 0.0  # 10 is not a digit 0–9
     assert exact_match_reward("<think>x</think><answer>0</answer>", 0) == 1.0

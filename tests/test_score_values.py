@@ -134,10 +134,10 @@ def test_evaluation_report_accuracy_has_the_right_direction(tiny, tmp_path, kind
     Mutations checked by hand, each fails it: the scores negated where the report computes its
     accuracies (accuracy 1 − true), or where the per-image scores are formed; the anchor's
     comparisons showing [i, anchor]; the anchor score read as P(anchor ≻ i)."""
+    from common.config import EvalConfig
     from data.synthetic import write_hpdv2, write_imagereward
     from data.types import EvalGroup
     from eval.evaluate import evaluate
-    from grpo.config import EvalConfig
 
     model, processor = tiny
     if kind == "imagereward":

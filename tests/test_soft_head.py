@@ -1,4 +1,4 @@
-"""The soft head: expectations over answer tokens, answer positions, and the fallback (issue 2)."""
+"""The soft head: expectations over answer tokens, answer positions, and the fallback."""
 
 from __future__ import annotations
 
@@ -9,13 +9,7 @@ from conftest import solid
 
 from data.prompts import messages_for
 from models.qwen_vl import build_inputs, render_prompt, repeat_inputs, token_ids
-from models.soft_head import (
-    answer_token_index,
-    expected_rating,
-    fallback_text,
-    pair_probability,
-    soft_scores,
-)
+from models.soft_head import answer_token_index, expected_rating, fallback_text, pair_probability, soft_scores
 
 SCALE = (1, 2, 3, 4, 5, 6, 7)
 

@@ -1,5 +1,5 @@
 """Temperature ≠ 1: the completions are drawn from softmax(f / τ) and every log-prob pass scores
-that same distribution (models/qwen_vl.py, models/prefix.py, the GRPO step in grpo/train.py)."""
+that same distribution (models/sampling.py, models/logprobs.py, the GRPO step in grpo/train.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import torch
 from conftest import sampled_logprobs
 from test_models import MIXED, _batch
 
-from grpo.config import load_config
+from common.config import load_config
 from grpo.policy import build_policy
 from grpo.train import grpo_step
-from models.qwen_vl import completion_logprobs, repeat_inputs, sample_completions
+from models.logprobs import completion_logprobs
+from models.qwen_vl import repeat_inputs
+from models.sampling import sample_completions
 
 TAU = 0.5
 CPU = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""The GRPO loop end to end on the tiny model: runs, learns something, resumes exactly (issue 3)."""
+"""The GRPO loop end to end on the tiny model: runs, learns something, resumes exactly."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from grpo.config import load_config
+from common.config import load_config
 from grpo.rollout import encode_samples
-from grpo.train import SampleStream, lr_at, train
+from grpo.run.stream import SampleStream
+from grpo.train import lr_at, train
 from models.qwen_vl import load_policy
 
 REQUIRED_METRICS = {

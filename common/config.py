@@ -17,11 +17,27 @@ from pathlib import Path
 
 import yaml
 
-from data.errors import UserError
+from common.errors import UserError
 
 # LoRA targets: the language model's projections only (the vision blocks also have gate/up/down).
 LANGUAGE_LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 VISION_LORA_TARGET = r".*visual\.blocks.*\.(qkv|proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How completions are sampled: the one home of the sampling defaults, built from the config
+    (``GRPOConfig.sampling``; evaluation: ``eval.score.ScoringSpec.sampling``) and passed down. The
+    functions of ``models`` take its fields as plain numbers, and default to these values."""
+
+    max_new_tokens: int = 256
+    """Completion length limit in tokens."""
+    temperature: float = 1.0
+    """τ: tokens are drawn from softmax(logits / τ), and GRPO's log-probs are taken at the same τ.
+    Soft scores are read at τ = 1 whatever τ sampled the reasoning (``models.soft_head``)."""
+    share_prefix: bool = True
+    """Prefill each prompt and its images once and continue it G times with our own sampling loop
+    (``models.sampling.sample_shared_prefix``); off: ``generate`` with every prompt repeated G times."""
 
 
 @dataclass
@@ -57,7 +73,7 @@ class DataConfig:
     kind: str = "imagereward"
     """Dataset format: imagereward (single image, rating) | hpdv2 (two images, 0/1)."""
     root: str = "datasets/ImageRewardDB"
-    """Local dataset folder, as downloaded (see README: Data)."""
+    """Local dataset folder, as downloaded (docs/data-and-metrics.md)."""
     split: str = "train"
     """Training split (ImageRewardDB: train | validation)."""
     subset: str = ""
@@ -93,9 +109,9 @@ class GRPOConfig:
     """G: completions sampled per prompt; advantages are normalised within each group."""
     prompts_per_step: int = 8
     """B: prompts per step and per process (each step trains on N = B·G completions)."""
-    max_new_tokens: int = 256
+    max_new_tokens: int = SamplingSpec.max_new_tokens
     """Completion length limit in tokens."""
-    temperature: float = 1.0
+    temperature: float = SamplingSpec.temperature
     """Sampling temperature; log-probs are computed at the same temperature."""
     clip_eps: float = 0.2
     """ε: the ratio π_θ/π_θold is clipped to [1−ε, 1+ε]."""
@@ -112,11 +128,16 @@ class GRPOConfig:
     """Loss aggregation: seq-mean (per completion, then mean) | token-mean."""
     reward_weights: dict[str, float] = field(default_factory=dict)
     """Weight of each reward component (format, exact, approx); missing ones weigh 1."""
-    share_prefix: bool = True
+    share_prefix: bool = SamplingSpec.share_prefix
     """Run each prompt and its images through the model once per group, not G times: sampling
     prefills it once and its G completions share the KV cache, and the log-prob passes attend
     the completions to one prompt forward. Same values and gradients (to float rounding); off
     repeats every prompt G times, as ``generate(num_return_sequences=G)`` does."""
+
+    @property
+    def sampling(self) -> SamplingSpec:
+        """The rollouts' sampling spec."""
+        return SamplingSpec(self.max_new_tokens, self.temperature, self.share_prefix)
 
 
 @dataclass
@@ -143,7 +164,7 @@ class TrainConfig:
     device: str = "auto"
     """cpu | cuda | auto (cuda when available)."""
     strategy: str = "ddp"
-    """How ranks under torchrun hold the model (grpo.distributed): ddp (every rank a full copy of
+    """How ranks under torchrun hold the model (grpo.run.distributed): ddp (every rank a full copy of
     weights, gradients, Adam moments and reference; for models whose 16 B per trainable parameter
     fit one GPU, and LoRA) | fsdp (FSDP2: weights, gradients, moments and reference sharded over
     the ranks, each decoder layer and vision block its own unit; for full fine-tuning of the 7B
@@ -175,7 +196,7 @@ class EvalConfig:
     """Mean@k: soft scores averaged over k reasoning rollouts."""
     max_new_tokens: int = 0
     """Completion length at evaluation (0 = grpo.max_new_tokens)."""
-    temperature: float = 1.0
+    temperature: float = SamplingSpec.temperature
     """Sampling temperature of the evaluation rollouts."""
     method: str = "auto"
     """auto (rating for imagereward, anchor for hpdv2) | rating | anchor."""
@@ -192,6 +213,16 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def eval_root(self) -> str:
+        """The evaluation dataset folder: ``eval.root``, else ``data.root``."""
+        return self.eval.root or self.data.root
+
+    @property
+    def eval_max_new_tokens(self) -> int:
+        """Completion length at evaluation: ``eval.max_new_tokens``, else ``grpo.max_new_tokens``."""
+        return self.eval.max_new_tokens or self.grpo.max_new_tokens
 
     def validate(self) -> None:
         g, t = self.grpo, self.train

@@ -20,7 +20,7 @@ destroys the previous checkpoint; only the newest ``keep_last`` are kept (older 
 renamed away before they are deleted, so a kill during pruning leaves no half folder behind a
 checkpoint name).
 
-**Damage** (issue 15): a disk that filled up, an interrupted copy or a deleted file leaves a
+**Damage**: a disk that filled up, an interrupted copy or a deleted file leaves a
 folder whose files do not match its manifest. ``verify_checkpoint`` finds this (every file's
 size and sha256, or, for a folder without a manifest such as a downloaded model, that every
 safetensors and JSON file parses) and raises ``CheckpointError`` naming the file.
@@ -48,9 +48,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from data.errors import CheckpointError
-from grpo.config import Config, save_config
-from grpo.manifest import LOAD_ERRORS, reason, verify_checkpoint, write_manifest, write_task
+from common.config import Config, save_config
+from common.errors import CheckpointError
+from common.manifest import LOAD_ERRORS, reason, verify_checkpoint, write_manifest, write_task
 from models.qwen_vl import save_processor
 
 _NAME = re.compile(r"checkpoint-(\d+)")
@@ -283,6 +283,21 @@ def trim_logs(out_dir: str | Path, step: int) -> None:
             tmp = path.with_name(f".{name}.tmp")
             tmp.write_bytes(b"".join(kept))
             os.replace(tmp, path)
+
+
+def log_step(out: Path, metrics: dict, buf, n_completions: int) -> None:
+    """Append the step's metrics to ``metrics.jsonl`` and its first ``n_completions`` completions
+    (of the ``grpo.rollout.RolloutBuffer``) with their rewards to ``completions.jsonl``."""
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps(metrics) + "\n")
+    prompt_rows_N = buf.prompt_rows_N.tolist()
+    with open(out / "completions.jsonl", "a") as fh:
+        for n in range(min(n_completions, buf.num_completions)):
+            sample = buf.samples[prompt_rows_N[n]]
+            row = {"step": metrics["step"], "sample_id": sample.sample_id, "target": sample.target,
+                   "text": buf.texts[n], "reward": float(buf.rewards_N[n]),
+                   **{k: float(v[n]) for k, v in buf.components.items()}}  # fmt: skip
+            fh.write(json.dumps(row) + "\n")
 
 
 def _save_merged(policy, out: Path) -> None:

@@ -2,7 +2,7 @@
 
 Light on purpose (no torch): the commands check their inputs here before loading anything slow.
 
-- ``manifest.json`` (written last into every checkpoint by ``grpo.checkpoint``): the size and
+- ``manifest.json`` (written last into every checkpoint by ``grpo.run.checkpoint``): the size and
   sha256 of every other file. ``verify_checkpoint`` compares them; a folder without a manifest
   (a downloaded model, the tiny model, a cold-started model) is checked by parsing every
   safetensors header and JSON/YAML file instead. Either way a problem is one
@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 from safetensors import SafetensorError, safe_open
 
-from data.errors import CheckpointError, one_line
+from common.errors import CheckpointError, one_line
 
 MANIFEST = "manifest.json"
 TASK_FILE = "task.json"
@@ -139,7 +139,7 @@ def verify_checkpoint(folder: str | Path, need_trainer_state: bool = False) -> i
         raise CheckpointError(f"checkpoint folder {folder} not found")
     manifest = folder / MANIFEST
     if need_trainer_state:
-        sharded = (folder / "optimizer_shards").is_dir()  # an FSDP checkpoint (grpo.sharded_checkpoint)
+        sharded = (folder / "optimizer_shards").is_dir()  # an FSDP checkpoint (grpo.run.sharded_checkpoint)
         for name in TRAINER_FILES:
             if sharded and name == "optimizer.safetensors":
                 continue

@@ -1,4 +1,4 @@
-"""Errors a user can fix, and how every command reports them (DESIGN §9).
+"""Errors a user can fix, and how every command reports them (docs/architecture.md: bad input and failure).
 
 A *user error* is bad input, not a bug: a dataset file that does not parse, a rating scale that
 does not fit, a damaged or missing checkpoint, a config key that does not exist, a full disk.
@@ -6,11 +6,11 @@ Its message is one line and names the file (and the row, where there is one). Ev
 user-facing command runs its ``main`` inside ``user_errors_exit()``, which prints such an error
 as ``error: …`` and exits with status 2; anything else is a bug and keeps its traceback.
 
-This module sits at the bottom of the import order (data → models → grpo → eval), so every
-package raises the same types:
+This module sits at the bottom of the import order (``common`` → data → models → eval → grpo), so
+every package raises the same types:
 
 - ``UserError``: the base; ``DataError`` (a dataset file or row), ``CheckpointError`` (a model
-  or checkpoint folder); ``grpo.config.ConfigError`` and ``data.images.BadImageError`` are
+  or checkpoint folder); ``common.config.ConfigError`` and ``data.images.BadImageError`` are
   user errors too.
 - ``OSError`` (missing file, permission denied, no space left on device) is the user's
   environment, not a bug: it is reported the same way, with the file it names.

@@ -6,10 +6,10 @@ A sharded ``checkpoint-000300/`` holds
 |----------------------|------|
 | model_shards/        | the float32 master weights, one safetensors file per rank (its shards, with their offsets in the header) |
 | optimizer_shards/    | AdamW's moments and step, the same way, ``{param}.{exp_avg,exp_avg_sq,step}`` |
-| rng.safetensors, trainer_state.json, config.yaml | as in ``grpo.checkpoint`` (``sharded: true``, the world size) |
+| rng.safetensors, trainer_state.json, config.yaml | as in ``grpo.run.checkpoint`` (``sharded: true``, the world size) |
 | config.json, processor files | the model's config and the processor, so ``grpo.export`` needs nothing else |
-| model.safetensors …  | the last checkpoint of a run only: the consolidated Hugging Face weights (``grpo.export``) |
-| task.json, manifest.json | as in ``grpo.checkpoint``: the rating scale, and every file's size and sha256, written last |
+| model.safetensors …  | the last checkpoint of a run only: the consolidated Hugging Face weights (``consolidate_weights``) |
+| task.json, manifest.json | as in ``grpo.run.checkpoint``: the rating scale, and every file's size and sha256, written last |
 
 Shards go through ``torch.distributed.checkpoint`` with its safetensors storage
 (``HuggingFaceStorageWriter``): safetensors only, nothing pickled. The folder is written under a
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,11 +32,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from grpo.checkpoint import commit, failed_save_is_one_line, restore_rngs, write_trainer_state
-from grpo.config import Config
-from grpo.manifest import write_manifest
-from models.qwen_vl import save_processor
-from models.soft_head import unwrap
+from common.config import Config
+from common.manifest import write_manifest
+from grpo.run.checkpoint import commit, failed_save_is_one_line, restore_rngs, write_trainer_state
+from models.qwen_vl import save_processor, unwrap
 
 MODEL_SHARDS, OPTIMIZER_SHARDS = "model_shards", "optimizer_shards"
 
@@ -89,8 +89,6 @@ def save_sharded_checkpoint(
             state.update(sharded=True, world=len(rank_states))
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
             if consolidate:
-                from grpo.export import consolidate_weights
-
                 consolidate_weights(tmp, tmp)
             write_manifest(tmp)  # last: a folder without it is not a complete checkpoint
         commit(tmp, final, keep_last)
@@ -110,3 +108,27 @@ def load_sharded_trainer_state(ckpt: str | Path, policy, optimizer: torch.optim.
     set_state_dict(policy, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     restore_rngs(ckpt, state, rank)
     return state
+
+
+def consolidate_weights(ckpt: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write the full weights of the sharded ``ckpt`` to ``out`` as a Hugging Face model folder."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from transformers import AutoConfig, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    ckpt, out = Path(ckpt), Path(out)
+    config = AutoConfig.from_pretrained(ckpt, local_files_only=True)
+    with no_init_weights():  # the weights are read below; buffers (rotary frequencies) are built as usual
+        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    state = model.state_dict()
+    with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        # in place, in this process alone (no collective, even inside a torchrun job)
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(ckpt / MODEL_SHARDS)), no_dist=True)
+    if dtype is not None:
+        model.to(dtype)
+    if (ckpt / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(ckpt)
+    model.save_pretrained(out, safe_serialization=True)
+    return out

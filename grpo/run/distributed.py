@@ -32,6 +32,7 @@ the bf16 base fits every GPU replicated, so DDP is the strategy for it.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -39,8 +40,50 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from grpo.config import Config, ConfigError
-from models.soft_head import unwrap
+from common.config import Config, ConfigError
+from models.qwen_vl import resolve_device, unwrap
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """Rank, world size and device (``train.device``); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = resolve_device(device_name).startswith("cuda")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def average_across_ranks(metrics: dict, world: int) -> dict:
+    """Every metric averaged over the ranks (a collective under torchrun)."""
+    if world == 1:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: v / world for k, v in zip(keys, t.tolist())}
+
+
+def gather_rank_states(policy, position: int, world: int) -> list[dict]:
+    """Each rank's data position, RNG states and a weight checksum, collected on every rank.
+
+    The checksums (the float64 sum of every trainable weight) must agree: DDP keeps ranks in sync;
+    under FSDP it is the sum over all shards.
+    """
+    mine = {"position": position, "torch": torch.get_rng_state(), "checksum": weight_checksum(policy)}
+    if torch.cuda.is_available():
+        mine["cuda"] = torch.cuda.get_rng_state()
+    if world == 1:
+        return [mine]
+    states = [None] * world
+    dist.all_gather_object(states, mine)  # pickles in transit between our own processes only
+    return states
 
 
 def compute_in_bf16(cfg: Config) -> bool:
