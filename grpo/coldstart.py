@@ -5,44 +5,40 @@ randomly initialised tiny model lacks: it follows the ``<think>…</think><answe
 instruction, and it has *some* opinion about what it sees. This stage gives the tiny model both
 and no knowledge of the preference it will be trained on. The targets are
 
-    <think>I look at the image.</think><answer>{the answer of a random taste}</answer><|im_end|>
+    <think>I look at the image.</think><answer>{the answer of a taste}</answer><|im_end|>
 
-where the **random taste** (``Taste``) rates an image by its dominant hue through a map drawn
-from its own seed, independent of the hidden ground truth of the synthetic data: it is as likely
-to reverse the true preference as to agree with it (its agreement is the zero-shot accuracy the
-demo reports). For a pair the answer names the image the taste rates higher.
+where the **taste** (``Taste``) rates an image by its dominant hue through a map drawn from its
+own seed. For a pair the answer names the image the taste rates higher. The demo picks the taste
+seed whose order of the synthetic colours agrees with the hidden preference on exactly half of
+the colour pairs, so that every data seed starts at chance (``experiments/demo_pipeline.py``).
+This stage is not part of the paper's method and is never used with a real checkpoint.
+
+What the stage must leave behind, for GRPO to have something to teach (``docs/demo.md`` has the
+measurements):
+
+- **answers that follow the images.** The answer loss first sits on a plateau where the answers
+  ignore the images (ln 2 for pairs, about ln 4 for the four colours' ratings); when the model
+  leaves it varies with the batches and with the machine's rounding (150 to over 300 steps on
+  the same data). A model stopped on the plateau is blind, and GRPO from it only finds the
+  answer that is best on average. So the learning phase stops on the loss (``until_nll``), not
+  on a step count;
+- **answers that are not certain.** A model that gives its taste's answer with probability
+  0.997 samples the same answer G times: every group's rewards agree, every advantage is 0, and
+  GRPO has nothing to follow (measured: 98% of the groups of a pair model were expected to be
+  flat). The **calibration** phase trains on noisy answers (``noise``) so that the model holds
+  its taste with about 1 − noise confidence.
 
 Why not uniformly random answers (``answers="uniform"``, kept for comparison)? They teach the
 format too, but their loss is lowest when the answer ignores the input, and the cold start
-obliges: on the demo's data the image-dependent part of the hidden state at the answer position
-shrank 14× (0.63 → 0.044 against a norm of 11), and GRPO from that blind model only found the
-answer that is best on average (issue 6 notes). From a random taste it re-maps colours to the
-true ratings within a few hundred steps.
+obliges: the image-dependent part of the hidden state at the answer position shrank 14×, and
+GRPO from that blind model only found the answer that is best on average.
 
-How long it runs matters. Too short, and the answers do not yet depend on the image:
-``cold_start.json`` shows this, because the answer loss stays near the entropy of the answers.
-Far longer (300 steps on the demo's data), and GRPO stalls with two colours on one rating,
-because the KL term's frozen reference holds on to the taste. This stage is not part of the
-paper's method and is never used with a real checkpoint.
-
-**Pairs and the tiny model** (issue 14). A pair's label flips when its two images swap, so only
-the part of the answer that changes with their *order* can follow it; the part that is symmetric
-in the two images can only learn how often each answer comes. With the ``tiny`` preset (a 2-block,
-64-wide vision tower) that antisymmetric part is tiny: at the answer position of 48 test pairs,
-the image-dependent part of the final hidden state has norm 0.66 (of 11.3) but its antisymmetric
-part 0.022. Supervision on pairs alone then pushes on the base rate and the answer stays constant
-(300 steps, even with the true labels: pair accuracy 0.49). Two ways out were measured:
-
-- the ``tiny-pairs`` preset (``models.tiny.PRESETS``: the same language model, a 4-block,
-  128-wide vision tower) learns pairs alone: 0.99 pair accuracy after 300 steps with the true
-  labels; a 128-wide tower of 2 blocks or a 4-layer language model does not (0.49). The demo's
-  pairwise run uses it with a cold start on pairs alone (``pair_set`` unset, taste answers);
-- a **mixed** cold start (``pair_set``) on the ``tiny`` preset: half of every batch the taste's
-  ratings of single images, which build a per-image value from the full image-dependent part;
-  the pair half only has to read it out by order (after 250 mixed steps the antisymmetric part
-  is 8.07 of an image-dependent 8.23). GRPO from there learned to rate the second image rather
-  than compare the two (pair accuracy 0.84 at best, 0.51 on two other seeds); ``pair_flip``
-  (a share of flipped pair answers) kept its groups from drawing one answer eight times.
+**Pairs and the tiny model.** A pair's label flips when its two images swap, so only the part of
+the answer that changes with their *order* can follow it. With the ``tiny`` preset (a 2-block,
+64-wide vision tower) supervision on pairs alone, even with the true labels, leaves the answer
+constant (pair accuracy 0.49 after 300 steps); the ``tiny-pairs`` preset (``models.tiny.PRESETS``:
+the same language model, a 4-block, 128-wide vision tower) reaches 0.99, and the demo's pairs
+half uses it.
 """
 
 from __future__ import annotations

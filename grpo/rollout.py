@@ -14,6 +14,7 @@ the update passes need in a ``RolloutBuffer``:
 | advantages_N   | (N,)    | group-normalised rewards |
 | old_logp_NT    | (N, T)  | log π_θold, stored only when μ > 1 |
 | ref_logp_NT    | (N, T)  | log π_ref, stored only when β > 0 |
+| answer_pos_N   | (N,)    | index of the answer token in each completion, −1 where there is none |
 
 ``N = B·G``. Minibatches are sets of completion rows; their prompt rows (and so their packed
 images) are sliced from ``inputs`` with ``models.qwen_vl.select_rows``, never by position in
@@ -48,6 +49,7 @@ class RolloutBuffer:
     advantages_N: torch.Tensor | None = None
     old_logp_NT: torch.Tensor | None = None
     ref_logp_NT: torch.Tensor | None = None
+    answer_pos_N: torch.Tensor | None = None
     share_prefix: bool = False  # each prompt once per minibatch (Minibatch.prompt_rows); grpo_step passes it
 
     @property
@@ -62,6 +64,16 @@ class RolloutBuffer:
     def targets_N(self) -> list[int]:
         """The target of each completion: its prompt's human answer, repeated G times."""
         return [self.samples[b].target for b in self.prompt_rows_N.tolist()]
+
+    def answer_logprobs(self, rows: torch.Tensor, logp_NT: torch.Tensor) -> torch.Tensor:
+        """log π of the sampled answer token of each completion in ``rows`` that has one, from the
+        minibatch's per-token log-probs ``logp_NT``; the mean of their negatives estimates the
+        entropy of the answer (the answers are samples of π)."""
+        if self.answer_pos_N is None:
+            return logp_NT.new_zeros(0)
+        pos = self.answer_pos_N[rows].to(logp_NT.device)
+        have = (pos >= 0).nonzero().squeeze(1)
+        return logp_NT[have, pos[have]].float()
 
     def minibatches(self, size: int) -> Iterator[Minibatch]:
         """Consecutive slices of ``size`` completions, with their prompt rows and images."""

@@ -73,6 +73,7 @@ from grpo.run.stream import SampleStream, check_data_folder, drop_prompts_too_lo
 from models.logprobs import completion_logprobs
 from models.qwen_vl import unwrap
 from models.sampling import sample_completions
+from models.soft_head import answer_positions
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -140,6 +141,7 @@ def grpo_step(
         )
         rewards_BG = buf.rewards_N.view(B, G)
         buf.advantages_N = group_advantages(rewards_BG).flatten().to(device)  # (N,)
+        buf.answer_pos_N = answer_positions(processor.tokenizer, buf.ids_NT, buf.mask_NT, buf.texts, valid)
 
     # 4. Log-probs without gradients: the frozen reference (β > 0) and the sampling policy (μ > 1).
     with timed(t, "reference"), autocast(cfg, device):
@@ -176,6 +178,7 @@ def update_pass(model, optimizer, buf: RolloutBuffer, cfg: Config, device) -> di
     optimizer.zero_grad(set_to_none=True)
     minibatches = list(buf.minibatches(g.minibatch_size))
     sums, lo, hi = defaultdict(float), math.inf, -math.inf
+    answer_nll = []  # −log π of each sampled answer token: their mean estimates the answer's entropy
     for i, mb in enumerate(minibatches):
         last = i == len(minibatches) - 1
         sync = model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
@@ -187,13 +190,16 @@ def update_pass(model, optimizer, buf: RolloutBuffer, cfg: Config, device) -> di
             loss, stats = grpo_loss(logp_NT, mb.old_logp_NT, mb.ref_logp_NT, mb.advantages_N, mb.mask_NT,
                                     g.clip_eps, g.kl_coef, g.kl_estimator, g.loss_agg)  # fmt: skip
             (loss * weight).backward()
+        answer_nll.append(-buf.answer_logprobs(mb.rows, logp_NT.detach()))
         for key in ("loss", "kl", "clip_frac", "ratio_mean"):
             sums[key] += stats[key] * weight
         lo, hi = min(lo, stats["ratio_min"]), max(hi, stats["ratio_max"])
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = clip_grad_norm(params, cfg.train.max_grad_norm)
     optimizer.step()
-    return {**sums, "ratio_min": lo, "ratio_max": hi, "grad_norm": grad_norm}
+    answer_nll = torch.cat(answer_nll)
+    answer = {"answer_entropy": float(answer_nll.mean())} if answer_nll.numel() else {}
+    return {**sums, "ratio_min": lo, "ratio_max": hi, "grad_norm": grad_norm, **answer}
 
 
 # ----------------------------------------------------------------------------------- the loop

@@ -101,6 +101,21 @@ def logits_at(
     return hf.lm_head(h_NH).float()  # (N, V)
 
 
+def answer_positions(tokenizer, ids_NT: torch.Tensor, mask_NT: torch.Tensor, texts: list[str],
+                     answer_values: tuple[int, ...]) -> torch.Tensor:  # fmt: skip
+    """``(N,)`` index of each completion's answer token (``answer_token_index``), −1 where the
+    completion is not well formed or its answer does not start a token."""
+    pos = torch.full((ids_NT.shape[0],), -1, dtype=torch.long)
+    for n, text in enumerate(texts):
+        parsed = parse_completion(text, answer_values)
+        if parsed.well_formed:
+            n_real = int(mask_NT[n].sum())
+            pieces = tokenizer.batch_decode([[i] for i in ids_NT[n, :n_real].tolist()])
+            k = answer_token_index(pieces, parsed.answer)
+            pos[n] = -1 if k is None else k
+    return pos
+
+
 @torch.no_grad()
 def soft_scores(
     model,
@@ -123,14 +138,7 @@ def soft_scores(
     answer_ids = [a[0] for a in answer_ids]
 
     N = ids_NT.shape[0]
-    pos = torch.full((N,), -1, dtype=torch.long)
-    for n in range(N):
-        parsed = parse_completion(texts[n], answer_values)
-        if parsed.well_formed:
-            n_real = int(mask_NT[n].sum())
-            pieces = tok.batch_decode([[i] for i in ids_NT[n, :n_real].tolist()])
-            k = answer_token_index(pieces, parsed.answer)
-            pos[n] = -1 if k is None else k
+    pos = answer_positions(tok, ids_NT, mask_NT, texts, answer_values)
     scores = torch.empty(N)
     direct = (pos >= 0).nonzero().squeeze(1)
     if direct.numel():
