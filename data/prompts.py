@@ -1,7 +1,7 @@
 """Prompt templates for the two tasks, and the parser for the model's answer.
 
 The model is asked to reason inside ``<think>…</think>`` and then answer inside
-``<answer>…</answer>`` (arXiv 2503.19948, §4). Two tasks:
+``<answer>…</answer>`` (arXiv 2503.19948). Two tasks:
 
 - **rating** (ImageReward): one image and its prompt; the answer is one integer on the
   dataset's rating scale, e.g. 1…7. The scale is a parameter: it is read from the data.

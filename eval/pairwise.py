@@ -7,7 +7,7 @@ estimates ``P(j ≻ i)``. For the N images of one prompt this module plans which
 run and turns their answers into N scores (higher = better). Everything here is plain numpy on
 already-computed probabilities; no model.
 
-- **Anchor** (the paper, arXiv 2503.19948 §3): draw an anchor ``a`` at random, compare
+- **Anchor** (the paper's ranking, arXiv 2503.19948): draw an anchor ``a`` at random, compare
   ``(a, j)`` for every ``j ≠ a`` (N − 1 comparisons), score ``s_j = p(1 | C_{a,j})`` and
   ``s_a = 0.5``, rank by score. The draw is seeded by ``(seed, group_id)``, so a group gets the
   same anchor in every run and whatever the batch or the order of the groups.

@@ -6,7 +6,7 @@ of the same prompt. Each request is answered by ``k`` reasoning rollouts
 continues it k times; plain ``generate`` only where no KV cache is available), and every rollout
 gets two scores:
 
-- **soft** (arXiv 2503.19948 §3, ``models.soft_head.soft_scores``): the expectation of the
+- **soft** (arXiv 2503.19948's soft reward, ``models.soft_head.soft_scores``): the expectation of the
   answer under the model's answer-token distribution, read at the answer position after the
   model's own reasoning: ``E[r | C] = Σ_i r_i p(r_i | C)`` over the rating scale, or
   ``p(1 | C) = e^{f(1)} / (e^{f(0)} + e^{f(1)})`` for a pair (the second image is better). A

@@ -1,4 +1,4 @@
-"""Group-relative advantages: the "G" in GRPO (arXiv 2402.03300, §4.1.2; arXiv 2503.19948, §2.2).
+"""Group-relative advantages: the "G" in GRPO (arXiv 2402.03300, §4.1.2, as arXiv 2503.19948 uses it).
 
 Every prompt is answered G times; each completion's reward is compared with the other
 completions *of the same prompt*, so no value network is needed:

@@ -1,4 +1,4 @@
-"""The GRPO objective (arXiv 2402.03300 eq. 3; arXiv 2503.19948 §2.2), written term by term.
+"""The GRPO objective (arXiv 2402.03300 eq. 3, as arXiv 2503.19948 trains with it), written term by term.
 
 For completion i of a group and its token t, with ρ_it = π_θ(o_it | q, o_i<t) / π_θold(o_it | …):
 

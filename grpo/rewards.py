@@ -1,4 +1,4 @@
-"""Rule-based rewards (arXiv 2503.19948, §4): pure functions of (completion text, target).
+"""Rule-based rewards (arXiv 2503.19948): pure functions of (completion text, target).
 
 A completion must read ``<think>…</think><answer>N</answer>``; ``data.prompts.parse_completion``
 is the single strict definition of that format. Every reward below is 0 for a malformed

@@ -1,6 +1,6 @@
 """GRPO training of a Qwen2.5-VL preference judge: ``python -m grpo.train CONFIG.yaml [key=value ...]``.
 
-One step, in the order of the paper (arXiv 2503.19948 §2.2, after DeepSeekMath's GRPO):
+One step, in the order of the paper (arXiv 2503.19948, after DeepSeekMath's GRPO):
 
 1. sample B prompts and G completions for each (``grpo.share_prefix``, the default: each prompt is
    prefilled once and our own sampling loop continues it G times; off: one batched ``generate``);

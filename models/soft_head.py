@@ -1,4 +1,4 @@
-"""Soft scores: turn the answer-token logits into a continuous score (arXiv 2503.19948, §3).
+"""Soft scores: turn the answer-token logits into a continuous score (arXiv 2503.19948, its soft rewards).
 
 Instead of the digit the model sampled, read the distribution at the answer position:
 
