@@ -40,7 +40,7 @@ from experiments.demo_report import pair_targets, rating_targets  # noqa: E402
 DEMO = Path(__file__).resolve().parent / "demo.py"
 PERTURBATIONS = {  # name → (extra demo.py arguments, extra environment)
     "base": ([], {}),
-    "threads2": (["--threads", "2"], {}),
+    "threads2": (["--threads", "2", "--jobs", "1"], {}),  # the halves one after the other: 2 threads, 2 cores
     "avx2": ([], {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}),
     "ulps": (["--perturb-ulps", "2", "--perturb-seed", "1"], {}),
 }
