@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from experiments.demo_report import check_targets, plot_curves, summary  # noqa: E402
+from experiments.demo_report import ACC_KEY, check_targets, plot_curves, summary  # noqa: E402
 
 STAGE_DIRS = {  # what each half writes under OUT: removed before it runs, so nothing is resumed
     "rating": (
@@ -52,10 +52,10 @@ STAGE_DIRS = {  # what each half writes under OUT: removed before it runs, so no
     "stretch": ("stretch",),
 }
 REPORT_KEY = {"rating": "imagereward", "pairs": "hpsv2", "stretch": "stretch"}
-ACC_KEY = {
-    "rating": "eval/metrics/soft@1/imagereward_accuracy",
-    "pairs": "eval/metrics/soft@1/hpsv2_accuracy",
-}
+GRPO_RUN = {
+    "rating": ("grpo-imagereward", "imagereward"),
+    "pairs": ("grpo-hpdv2", "hpdv2"),
+}  # folder, data kind
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         report["stretch"] = json.loads((args.out / "stretch.json").read_text())
     report["targets_met"] = check_targets(report)
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    curves = {f"GRPO, {h}": (args.out / ("grpo-imagereward" if h == "rating" else "grpo-hpdv2"), ACC_KEY[h],
-                             report[REPORT_KEY[h]]["kept_step"]) for h in halves}  # fmt: skip
+    curves = {f"GRPO, {h}": (args.out / GRPO_RUN[h][0], ACC_KEY[GRPO_RUN[h][1]], report[REPORT_KEY[h]]["kept_step"])
+              for h in halves}  # fmt: skip
     plot_curves(curves, args.out / "reward_curve.png")
     text = summary(report, args.out)
     (args.out / "summary.md").write_text(text)

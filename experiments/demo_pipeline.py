@@ -26,7 +26,7 @@ from data.imagereward import read_eval as read_ir_eval
 from data.imagereward import read_train as read_ir_train
 from data.synthetic import COLOURS, colour_mapping, write_hpdv2, write_imagereward
 from eval.evaluate import evaluate
-from experiments.demo_report import ceiling, figures, hidden_quality, pair_accuracy
+from experiments.demo_report import ACC_KEY, ceiling, figures, hidden_quality, pair_accuracy
 from grpo.coldstart import PAIR_TASTE_SCALE, Taste, cold_start
 from grpo.train import train
 from models.qwen_vl import load_policy
@@ -34,10 +34,6 @@ from models.tiny import build_tiny
 
 EXPERIMENTS = Path(__file__).resolve().parent
 HELD_OUT_DRAW = 1000  # draw_seed of the pairwise run's held-out folder: seed + 1000, the same preference
-ACC_KEY = {  # the metrics.jsonl key of each run's held-out accuracy (Mean@1 soft scores)
-    "imagereward": "eval/metrics/soft@1/imagereward_accuracy",
-    "hpdv2": "eval/metrics/soft@1/hpsv2_accuracy",
-}
 PAIR_PRESET = "tiny-pairs"  # the pairwise run's model (models.tiny.PRESETS)
 # The cold start of each half (grpo.coldstart.cold_start): learn the taste until the mean answer
 # loss of the last 20 steps is at most `until_nll` (at most `steps` steps), then `calibrate_steps`

@@ -23,6 +23,10 @@ PAIR_TARGETS = {
     "soft_gain_min": 0.15,
 }
 WALL_SECONDS_MAX = 15 * 60  # make demo, both halves, on 2 cores
+ACC_KEY = {  # the metrics.jsonl key of each run's held-out accuracy (Mean@1 soft scores)
+    "imagereward": "eval/metrics/soft@1/imagereward_accuracy",
+    "hpdv2": "eval/metrics/soft@1/hpsv2_accuracy",
+}
 
 
 def figures(report: dict, protocol: str, **extra) -> dict:
