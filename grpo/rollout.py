@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from common.config import SamplingSpec
 from data.prompts import messages_for
 from data.types import TrainSample
 from models.logprobs import completion_logprobs
@@ -50,7 +51,7 @@ class RolloutBuffer:
     old_logp_NT: torch.Tensor | None = None
     ref_logp_NT: torch.Tensor | None = None
     answer_pos_N: torch.Tensor | None = None
-    share_prefix: bool = False  # each prompt once per minibatch (Minibatch.prompt_rows); grpo_step passes it
+    share_prefix: bool = SamplingSpec.share_prefix  # each prompt once per minibatch (Minibatch.prompt_rows)
 
     @property
     def num_completions(self) -> int:

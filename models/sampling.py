@@ -145,13 +145,13 @@ def sample_completions(
     temperature: float = SamplingSpec.temperature,
     min_new_tokens: int = 0,
     return_scores: bool = False,
-    share_prefix: bool = False,
+    share_prefix: bool = SamplingSpec.share_prefix,
     draw: Callable[[torch.Tensor], torch.Tensor] = draw_tokens,
 ) -> Completions | tuple[Completions, torch.Tensor]:
     """Sample ``group_size`` completions per prompt.
 
-    With ``share_prefix`` (what training and evaluation run: ``SamplingSpec.share_prefix``, which
-    every caller passes) each prompt (with its images) is prefilled once and its KV cache shared by
+    With ``share_prefix`` (the default, ``SamplingSpec.share_prefix``, what training and
+    evaluation run) each prompt (with its images) is prefilled once and its KV cache shared by
     its G completions (``sample_shared_prefix``, whose loop draws with ``draw``): same
     distribution, the prompt's cost no longer grows with G. Without it, one batched ``generate``
     call, which repeats every prompt G times *before* the prefill: the reference the tests hold

@@ -48,7 +48,7 @@ def test_shared_first_image_draws_what_generate_draws(eos_prone, G):
     ours, ours_logits = sample_shared_first_image(model, processor, inputs, G, 20, return_scores=True,
                                                   draw=draw_tokens_as_generate)  # fmt: skip
     torch.manual_seed(11)
-    theirs, their_logits = sample_completions(model, processor, inputs, G, 20, return_scores=True)
+    theirs, their_logits = sample_completions(model, processor, inputs, G, 20, return_scores=True, share_prefix=False)
     lengths = ours.mask_NT.sum(dim=1)
     assert lengths.min() < lengths.max(), "the eos bias must end completions at varied lengths"
     assert torch.equal(ours.ids_NT, theirs.ids_NT) and torch.equal(ours.mask_NT, theirs.mask_NT)
@@ -67,7 +67,7 @@ def test_anchor_image_goes_through_the_vision_tower_once(tiny):
         sample_shared_first_image(model, processor, inputs, 2, 4)
         shared = list(calls)
         calls.clear()
-        sample_completions(model, processor, inputs, 2, 4)
+        sample_completions(model, processor, inputs, 2, 4, share_prefix=False)
         plain = list(calls)
     finally:
         hook.remove()

@@ -85,7 +85,8 @@ def test_reforward_logprobs_match_generate(tiny, examples):
     inputs = _batch(processor, examples)
     torch.manual_seed(0)
     G = 3
-    comp, logits_NTV = sample_completions(model, processor, inputs, G, max_new_tokens=16, return_scores=True)
+    comp, logits_NTV = sample_completions(model, processor, inputs, G, max_new_tokens=16, return_scores=True,
+                                          share_prefix=False)
     assert comp.ids_NT.shape[0] == len(examples) * G
     generate_logp = sampled_logprobs(logits_NTV, comp.ids_NT, processor)
     ours = completion_logprobs(model, repeat_inputs(inputs, G), comp.ids_NT, comp.mask_NT)
@@ -97,7 +98,7 @@ def test_sampling_never_emits_vision_tokens_and_masks_after_eos(tiny):
     model, processor = tiny
     inputs = _batch(processor, MIXED)
     torch.manual_seed(1)
-    comp = sample_completions(model, processor, inputs, 4, max_new_tokens=24)
+    comp = sample_completions(model, processor, inputs, 4, max_new_tokens=24, share_prefix=False)
     vision = torch.tensor(processor.tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|vision_start|>"]))
     assert not torch.isin(comp.ids_NT, vision).any()
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")

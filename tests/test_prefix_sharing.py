@@ -69,7 +69,7 @@ def test_shared_sampling_draws_what_generate_draws(eos_prone, examples, min_new_
     ours = sample_completions(model, processor, inputs, 4, 20, min_new_tokens=min_new_tokens, share_prefix=True,
                               draw=draw_tokens_as_generate)  # fmt: skip
     torch.manual_seed(7)
-    theirs = sample_completions(model, processor, inputs, 4, 20, min_new_tokens=min_new_tokens)
+    theirs = sample_completions(model, processor, inputs, 4, 20, min_new_tokens=min_new_tokens, share_prefix=False)
     lengths = ours.mask_NT.sum(dim=1)
     assert lengths.min() < lengths.max() <= 20, "the eos bias must end completions at varied lengths"
     assert torch.equal(ours.ids_NT, theirs.ids_NT) and torch.equal(ours.mask_NT, theirs.mask_NT)
@@ -151,7 +151,7 @@ def test_rollout_minibatches_hold_each_prompt_once(tiny, tmp_path):
     ids = torch.randint(0, 800, (4 * G, T))
     mask = torch.ones_like(ids)
     args = (inputs, G, ids, mask, [""] * (4 * G), torch.zeros(4 * G, dtype=torch.bool), [None] * 4)
-    plain, shared = RolloutBuffer(*args), RolloutBuffer(*args, share_prefix=True)
+    plain, shared = RolloutBuffer(*args, share_prefix=False), RolloutBuffer(*args, share_prefix=True)
     mb = shared.minibatch(torch.arange(4, 9))  # completions 4…8: the tail of prompt 1, all of prompt 2
     assert mb.inputs["input_ids"].shape[0] == 2 and mb.prompt_rows.tolist() == [0, 0, 1, 1, 1]
     assert plain.minibatch(torch.arange(4, 9)).prompt_rows is None

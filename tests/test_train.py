@@ -69,7 +69,7 @@ def test_minibatch_slices_prompts_and_images(cold_tiny_dir, synthetic_ir, tiny):
     inputs = encode_samples(processor, samples, images, ts.rating_values)
     G, T = 2, 5
     buf = RolloutBuffer(inputs, G, torch.zeros(6, T, dtype=torch.long), torch.ones(6, T), [""] * 6,
-                        torch.zeros(6, dtype=torch.bool), samples)  # fmt: skip
+                        torch.zeros(6, dtype=torch.bool), samples, share_prefix=False)  # fmt: skip
     mb = buf.minibatch(torch.tensor([3, 4]))  # completions of prompts 1 and 2
     direct = encode_samples(processor, samples[1:3], images[1:3], ts.rating_values)
     torch.testing.assert_close(mb.inputs["pixel_values"], direct["pixel_values"])
