@@ -48,7 +48,9 @@ def test_shared_first_image_draws_what_generate_draws(eos_prone, G):
     ours, ours_logits = sample_shared_first_image(model, processor, inputs, G, 20, return_scores=True,
                                                   draw=draw_tokens_as_generate)  # fmt: skip
     torch.manual_seed(11)
-    theirs, their_logits = sample_completions(model, processor, inputs, G, 20, return_scores=True, share_prefix=False)
+    theirs, their_logits = sample_completions(
+        model, processor, inputs, G, 20, return_scores=True, share_prefix=False
+    )
     lengths = ours.mask_NT.sum(dim=1)
     assert lengths.min() < lengths.max(), "the eos bias must end completions at varied lengths"
     assert torch.equal(ours.ids_NT, theirs.ids_NT) and torch.equal(ours.mask_NT, theirs.mask_NT)

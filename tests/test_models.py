@@ -85,8 +85,9 @@ def test_reforward_logprobs_match_generate(tiny, examples):
     inputs = _batch(processor, examples)
     torch.manual_seed(0)
     G = 3
-    comp, logits_NTV = sample_completions(model, processor, inputs, G, max_new_tokens=16, return_scores=True,
-                                          share_prefix=False)
+    comp, logits_NTV = sample_completions(
+        model, processor, inputs, G, max_new_tokens=16, return_scores=True, share_prefix=False
+    )
     assert comp.ids_NT.shape[0] == len(examples) * G
     generate_logp = sampled_logprobs(logits_NTV, comp.ids_NT, processor)
     ours = completion_logprobs(model, repeat_inputs(inputs, G), comp.ids_NT, comp.mask_NT)

@@ -69,7 +69,9 @@ def test_shared_sampling_draws_what_generate_draws(eos_prone, examples, min_new_
     ours = sample_completions(model, processor, inputs, 4, 20, min_new_tokens=min_new_tokens, share_prefix=True,
                               draw=draw_tokens_as_generate)  # fmt: skip
     torch.manual_seed(7)
-    theirs = sample_completions(model, processor, inputs, 4, 20, min_new_tokens=min_new_tokens, share_prefix=False)
+    theirs = sample_completions(
+        model, processor, inputs, 4, 20, min_new_tokens=min_new_tokens, share_prefix=False
+    )
     lengths = ours.mask_NT.sum(dim=1)
     assert lengths.min() < lengths.max() <= 20, "the eos bias must end completions at varied lengths"
     assert torch.equal(ours.ids_NT, theirs.ids_NT) and torch.equal(ours.mask_NT, theirs.mask_NT)
