@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from PIL import Image
 
 from data.prompts import messages_for
+from eval.rank import PreferenceScorer
 from eval.score import (
     GroupResult,
     Request,
@@ -119,6 +120,22 @@ class BatchScorer:
         self.spec = replace(spec, seed_per_request=True)
         self.token_budget = token_budget
         self.batches_run = 0  # batched rollouts so far (the server reports it)
+
+    @classmethod
+    def load(cls, model, token_budget: int = DEFAULT_TOKEN_BUDGET, **kwargs) -> BatchScorer:
+        """A judge from a checkpoint folder or hub id: ``kwargs`` as ``eval.rank.PreferenceScorer``
+        (method, k, scale, max_new_tokens, temperature, dtype, device, max_pixels), with the same
+        defaults: the checkpoint's own method and rating scale."""
+        scorer = PreferenceScorer(model, **kwargs)
+        return cls(scorer.model, scorer.processor, scorer.spec, token_budget)
+
+    @property
+    def method(self) -> str:
+        return self.spec.method
+
+    def soft_scores(self, items: list[Item]) -> list[list[float]]:
+        """Each item's Mean@k soft scores (the ``eval.adapters`` judge interface)."""
+        return [r.soft for r in self.score(items)]
 
     def plan(self, items: list[Item]) -> tuple[list[GroupResult], list[tuple[GroupResult, int, Request]]]:
         """Each item's ``GroupResult`` (to be filled) and all requests, in item order."""
