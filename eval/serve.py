@@ -215,7 +215,12 @@ def main(argv: list[str] | None = None) -> None:
         f"serving {args.model} ({spec.task}, {spec.method}) on http://{args.host}:{args.port}",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=None)
+    # uvicorn finishes the requests in flight on SIGINT/SIGTERM, then re-raises the signal so that
+    # the exit status says which one stopped it: -SIGTERM (143 in a shell), or KeyboardInterrupt.
+    with user_errors_exit():
+        uvicorn.run(
+            app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=None
+        )
 
 
 if __name__ == "__main__":
