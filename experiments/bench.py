@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 from bench_report import command_line, machine_summary, markdown, update_benchmarks_md, workload_summary
+from bench_serve import SERVE, run_serve, serve_markdown
 from bench_workers import REAL_QWEN_FILES, RESULT_TAG, ROOT, WORKERS, WORKLOADS, median, workload_config
 
 
@@ -133,9 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--workloads",
         nargs="+",
-        default=["small", "real"],
-        choices=sorted(WORKLOADS),
-        help="small: the tiny 'small' preset; real: the real 7B configuration shrunk (needs --like)",
+        default=["small", "real", SERVE],
+        choices=sorted([*WORKLOADS, SERVE]),
+        help="small: the tiny 'small' preset; real: the real 7B configuration shrunk (needs --like); "
+        "serve: the judge's batched scoring and server latency (experiments/bench_serve.py)",
     )
     p.add_argument("--real-steps", type=int, default=2, help="timed steps per process, real workload")
     p.add_argument(
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     prepare(a.out, a.workloads, a.like)
     t_start = time.perf_counter()
     workloads = {}
-    for workload in a.workloads:
+    for workload in [w for w in a.workloads if w != SERVE]:
         cfg = workload_config(a.out, workload)
         per_step = cfg.grpo.prompts_per_step * cfg.grpo.group_size
         rounds = a.rounds if workload == "small" else a.real_rounds
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         lm_head = run("lm_head", a)
         print("evaluation throughput", file=sys.stderr)
         evaluation = run("eval", a)
+    serve = run_serve(a.out, a.threads, a.quick) if SERVE in a.workloads else None
     head = by_precision.get(a.precisions[0], {})
     result = {
         "precision": a.precisions[0],
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         "speedup": head.get("speedup"),
         "peak_rss_ratio": head.get("peak_rss_ratio"),
         "by_precision": by_precision,
-        "workloads": workloads,
+        "workloads": {**workloads, SERVE: serve} if serve else workloads,
         "sharing_real": sharing_real,
         "group_sizes": groups,
         "lm_head": lm_head,
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         "wall_s": time.perf_counter() - t_start,
     }
     (a.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
+    table = markdown({**result, "workloads": workloads}) + (serve_markdown(serve) if serve else "")
     (a.out / "BENCHMARKS.md").write_text(table)
     if not (a.no_markdown or a.quick or a.headline_only):
         update_benchmarks_md(ROOT / "BENCHMARKS.md", table)
