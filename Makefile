@@ -73,5 +73,5 @@ eval-imagereward: $(STAMP)  ## soft/hard rating accuracy on the ImageReward test
 eval-hpsv2: $(STAMP)  ## anchor-based soft ranking accuracy on the HPDv2 test set
 	$(PY) -m eval.evaluate experiments/hpsv2.yaml model.name_or_path=$(MODEL) eval.max_groups=0 $(if $(DATA),data.root=$(DATA) eval.root=$(DATA)) $(ARGS)
 
-bench: $(BENCH)  ## our GRPO step vs TRL's GRPOTrainer on the same workload (writes BENCHMARKS.md)
+bench: $(BENCH) $(SERVE)  ## our GRPO step vs TRL's GRPOTrainer on the same workload, and the judge server (writes BENCHMARKS.md)
 	$(PY) experiments/bench.py --out $(RUNS)/bench

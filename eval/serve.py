@@ -27,6 +27,7 @@ connections, finish the requests in flight, then exit.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 import uuid
@@ -66,7 +67,9 @@ def create_app(scorer: BatchScorer, info: dict, limits: Limits, coalescer: Coale
         coalescer.stop()  # after uvicorn has finished the requests in flight
 
     app = FastAPI(title="visual-preference judge", lifespan=lifespan, docs_url=None, redoc_url=None)
-    tokenizer = scorer.processor.tokenizer
+    # Prompts are checked on the thread pool while the worker's processor sets padding on its own
+    # tokenizer; a copy that only ever encodes keeps the two from borrowing one Rust object at once.
+    tokenizer = copy.deepcopy(scorer.processor.tokenizer)
 
     @app.exception_handler(RequestError)
     async def bad_request(request, exc: RequestError):

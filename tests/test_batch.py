@@ -3,10 +3,13 @@ whatever the batch, its order and its token budget."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import solid
 
+from common.manifest import write_task
 from eval.batch import BatchScorer, Item, pack
 from eval.rank import PreferenceScorer
 from eval.score import Request, ScoringSpec, judge
@@ -81,3 +84,13 @@ def test_per_request_seeds_need_every_request_seeded(tiny):
     requests = [Request("rating", "a", [solid("red")], seed=1), Request("rating", "b", [solid("blue")])]
     with pytest.raises(ValueError, match="per-request seeds"):
         judge(*tiny, requests, SCALE, 1, spec("rating").sampling)
+
+
+def test_the_default_method_follows_the_checkpoint(tiny_dir, tmp_path):
+    """A checkpoint trained on pairs ranks by anchor; one trained on ratings, or without a record, rates."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    assert PreferenceScorer(str(model)).spec.method == "rating"
+    write_task(model, "pair", None)
+    assert PreferenceScorer(str(model)).spec.method == "anchor"
+    assert BatchScorer.load(str(model), max_new_tokens=NEW).method == "anchor"

@@ -27,6 +27,7 @@ from eval.adapters import FlowGRPOReward  # noqa: E402
 from eval.batch import BatchScorer, Item  # noqa: E402
 from eval.client import JudgeClient, JudgeError  # noqa: E402
 from eval.rank import main as rank_main  # noqa: E402
+from eval.serve import main as serve_main  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -242,3 +243,16 @@ def test_judge_client_retries_with_backoff_then_gives_up():
     with pytest.raises(JudgeError, match="no answer after 3 attempts"):
         client.health()
     assert client.retried == 2
+
+
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [(["--model", "runs/nope/checkpoint-000100"], "runs/nope"), (["--model", "x", "--max-items", "0"], "--max-items"),
+     (["--model", "x", "--k", "0"], "≥ 1"), (["--model", "x", "--scale", "7-1"], "--scale")],
+)  # fmt: skip
+def test_serve_command_errors_are_one_line(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        serve_main(argv)
+    assert exit_.value.code == 2
+    (line,) = [x for x in capsys.readouterr().err.strip().splitlines() if x.startswith("error: ")]
+    assert fragment in line
