@@ -177,10 +177,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"skipping the real workload: {a.like} has no config.json (pass --like DIR)", file=sys.stderr)
         a.workloads = [w for w in a.workloads if w != "real"]
     a.out.mkdir(parents=True, exist_ok=True)
-    prepare(a.out, a.workloads, a.like)
+    grpo_workloads = [w for w in a.workloads if w != SERVE]
+    if grpo_workloads:
+        prepare(a.out, grpo_workloads, a.like)
     t_start = time.perf_counter()
     workloads = {}
-    for workload in [w for w in a.workloads if w != SERVE]:
+    for workload in grpo_workloads:
         cfg = workload_config(a.out, workload)
         per_step = cfg.grpo.prompts_per_step * cfg.grpo.group_size
         rounds = a.rounds if workload == "small" else a.real_rounds

@@ -141,13 +141,13 @@ def free_port() -> int:
 
 
 def run_serve(out: Path, threads: int = 1, quick: bool = False) -> dict:
-    """The serve workload (see the module doc); ``quick``: 16 items, 16 tokens, one repeat."""
+    """The serve workload (see the module doc); ``quick``: 8 items, 8 tokens, one repeat, one request per client."""
     torch.set_num_threads(threads)
     model_dir = out / "serve-model"
     if not (model_dir / "model.safetensors").exists():
         build_tiny(model_dir, seed=0)
     n, new_tokens, repeats, per_client = (
-        (16, 16, 1, 2) if quick else (ITEMS, NEW_TOKENS, 3, REQUESTS_PER_CLIENT)
+        (8, 8, 1, 1) if quick else (ITEMS, NEW_TOKENS, 3, REQUESTS_PER_CLIENT)
     )
     items = workload_items(n)
     print(f"serve: {n} items, batched vs one at a time", file=sys.stderr)
