@@ -69,7 +69,9 @@ class Coalescer:
         self.queued_items = 0
         self.stopping = False
         self.cond = threading.Condition()
+        # accepted: jobs queued; jobs, items, batches: scored; refused: answered 503; failed: raised
         self.stats = {
+            "accepted": 0,
             "jobs": 0,
             "items": 0,
             "batches": 0,
@@ -105,6 +107,7 @@ class Coalescer:
                 )
             self.jobs.append(job)
             self.queued_items += len(items)
+            self.stats["accepted"] += 1
             self.cond.notify_all()
         return await job.future
 

@@ -33,10 +33,10 @@ def server(tiny_dir, tmp_path_factory):
         yield url, proc
 
 
-def body(n: int) -> dict:
-    """16 items of two images each: 32 ratings, long enough to keep the worker busy."""
+def body(n: int, items: int = 16) -> dict:
+    """``items`` items of two images each: 32 ratings for 16, long enough to keep the worker busy."""
     return {"items": [{"prompt": f"request {n} item {i}", "seed": n,
-                       "images": [png_b64(solid(c)) for c in COLOURS[i % 2 : i % 2 + 2]]} for i in range(16)]}  # fmt: skip
+                       "images": [png_b64(solid(c)) for c in COLOURS[i % 2 : i % 2 + 2]]} for i in range(items)]}  # fmt: skip
 
 
 def concurrently(fn, n: int) -> list:
@@ -82,22 +82,26 @@ def test_retrying_clients_lose_nothing_under_overload(server):
 def test_sigterm_finishes_the_requests_in_flight(server):
     url, proc = server
     answers: dict[int, httpx.Response] = {}
+    before = httpx.get(url + "/v1/model").json()["stats"]
 
     def send(i):
-        answers[i] = httpx.post(url + "/v1/score", json=body(10 + i), timeout=120)
+        answers[i] = httpx.post(
+            url + "/v1/score", json=body(10 + i, items=8), timeout=120
+        )  # both fit the queue
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30
-    while httpx.get(url + "/v1/model").json()["stats"]["queued_items"] == 0:  # the second one waits
+    while (stats := httpx.get(url + "/v1/model").json()["stats"])["accepted"] < before["accepted"] + 2:
         assert time.monotonic() < deadline, "the requests never reached the queue"
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
+    assert stats["jobs"] < before["jobs"] + 2, "a request was still in flight when SIGTERM came"
     for t in threads:
         t.join()
     assert [answers[i].status_code for i in range(2)] == [200, 200]
-    assert all(len(answers[i].json()["results"]) == 16 for i in range(2))
+    assert all(len(answers[i].json()["results"]) == 8 for i in range(2))
     assert proc.wait(30) == -signal.SIGTERM  # after a graceful shutdown, uvicorn exits by the signal it got
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/health", timeout=2)
