@@ -49,6 +49,7 @@ try:
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 except ImportError:  # reported as one line by main()
     FastAPI = None
 
@@ -78,6 +79,10 @@ def create_app(scorer: BatchScorer, info: dict, limits: Limits, coalescer: Coale
     @app.exception_handler(Overloaded)
     async def overloaded(request, exc: Overloaded):
         return error(503, exc, headers={"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request, exc: ClientDisconnect):  # the body never arrived whole; nobody reads this
+        return error(400, "the client disconnected before sending the whole body")
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):

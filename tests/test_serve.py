@@ -36,10 +36,13 @@ LIMITS = ("--max-items", "8", "--max-images", "12", "--max-image-pixels", "30000
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 
 
+LOG = {}  # the module's server log, for the tests that read it
+
+
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    with running_server(tiny_dir, log, *LIMITS) as (url, proc):
+    LOG["path"] = tmp_path_factory.mktemp("serve") / "server.log"
+    with running_server(tiny_dir, LOG["path"], *LIMITS) as (url, proc):
         yield url
 
 
@@ -223,6 +226,7 @@ def test_a_client_that_disconnects_does_not_stall_the_worker(server):
     answer = post(server, "/v1/score", {"items": [item_json("still here", ["green"])]})
     assert answer.status_code == 200 and len(answer.json()["results"][0]["soft"]) == 1
     assert httpx.get(server + "/v1/model").json()["stats"]["failed"] == 0
+    assert "Traceback" not in LOG["path"].read_text()
 
 
 def test_judge_client_flow_grpo_shape_equals_in_process(server, local):
