@@ -14,7 +14,8 @@ on both sides (our ``grpo_step``; TRL from ``on_step_begin`` to ``on_step_end``)
 images and logging are outside on both sides. Also measured: our step for G ∈ {2, 4, 8, 16}
 with and without prefix sharing and the prompt prefill alone, the LM head on completion
 positions only vs on every position, and evaluation throughput (soft rating; anchor ranking
-with N = 9). Results: ``OUT/bench.json`` and ``OUT/BENCHMARKS.md``; the table also replaces the
+with N = 9). The ``serve`` workload (``experiments/bench_serve.py``) measures the judge as a reward
+service: batched scoring against one call per item, and the server's latency. Results: ``OUT/bench.json`` and ``OUT/BENCHMARKS.md``; the table also replaces the
 generated section of the repository's ``BENCHMARKS.md``.
 
 Allocator: both sides run under ``MALLOC_MMAP_THRESHOLD_=1048576`` by default

@@ -94,3 +94,17 @@ def test_the_default_method_follows_the_checkpoint(tiny_dir, tmp_path):
     write_task(model, "pair", None)
     assert PreferenceScorer(str(model)).spec.method == "anchor"
     assert BatchScorer.load(str(model), max_new_tokens=NEW).method == "anchor"
+
+
+def test_batched_equals_alone_with_the_real_tokenizer_and_vocabulary(like):
+    """The configuration that ships: the real Qwen2.5-VL-7B files (152,064-token vocabulary, real
+    chat template and processor), a rating item and an anchor-ranked group."""
+    for method, item in (("rating", Item("a red circle", [solid("red", 56)], seed=2)),
+                         ("anchor", Item("two cats", [solid("blue", 56), solid("green", 84), solid("red", 56)])),):  # fmt: skip
+        (got,) = BatchScorer(*like, spec(method, k=1)).score(
+            [Item("another prompt", [solid("white", 56)]), item]
+        )[1:]
+        want = PreferenceScorer(like, method, k=1, scale=SCALE, max_new_tokens=NEW, seed=item.seed)
+        result = want.judge(item.prompt, item.images)
+        torch.testing.assert_close(got.soft, result.scores["soft@1"], rtol=0, atol=1e-5)
+        assert [q["texts"] for q in got.requests] == [j.texts for j in result.judgements]
