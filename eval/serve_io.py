@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import json
 import re
@@ -45,24 +46,23 @@ class RequestError(Exception):
 class Limits:
     """What one request may carry; beyond it the server answers 413."""
 
-    max_body_bytes: int = 64 * 2**20
-    """Bytes of one request body (base64 images included)."""
-    max_items: int = 64
-    """Items in one ``/v1/score`` request."""
-    max_images: int = 64
-    """Images in one request, over all its items."""
-    max_image_bytes: int = 16 * 2**20
-    """Encoded bytes of one image."""
-    max_image_pixels: int = 4096 * 4096
-    """Width × height of one decoded image (checked from its header, before decoding)."""
-    max_prompt_tokens: int = 512
-    """Tokens of one prompt (as ``eval.rank --max-prompt-tokens``)."""
+    max_body_bytes: int = dataclasses.field(
+        default=64 * 2**20, metadata={"help": "bytes of one request body"}
+    )
+    max_items: int = dataclasses.field(default=64, metadata={"help": "items in one /v1/score request"})
+    max_images: int = dataclasses.field(default=64, metadata={"help": "images in one request, all items"})
+    max_image_bytes: int = dataclasses.field(
+        default=16 * 2**20, metadata={"help": "encoded bytes of one image"}
+    )
+    max_image_pixels: int = dataclasses.field(default=4096 * 4096, metadata={
+        "help": "width × height of one image, read from its header before decoding"})  # fmt: skip
+    max_prompt_tokens: int = dataclasses.field(default=512, metadata={"help": "tokens of one prompt"})
 
     @staticmethod
     def add_arguments(parser) -> None:
-        for name, value in asdict(Limits()).items():
-            parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=value,
-                                help=f"request limit (default {value:,})")  # fmt: skip
+        for f in dataclasses.fields(Limits):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default,
+                                help=f"limit: {f.metadata['help']} (default {f.default:,}; beyond: 413)")  # fmt: skip
 
     @classmethod
     def from_args(cls, args) -> Limits:
@@ -158,7 +158,7 @@ def check_seed(value, where: str) -> int:
     return value
 
 
-def field(obj: dict, key: str, kind: type, where: str):
+def required(obj: dict, key: str, kind: type, where: str):
     if key not in obj:
         raise RequestError(422, f"{where}: missing {key!r}")
     if not isinstance(obj[key], kind):
@@ -170,8 +170,8 @@ def parse_item(obj, where: str, limits: Limits, tokenizer, n_images: int | None 
     """One ``{"prompt", "images", "seed"?}`` object; ``n_images`` demands that many images."""
     if not isinstance(obj, dict):
         raise RequestError(422, f"{where}: expected an object, got {type(obj).__name__}")
-    prompt = check_prompt(field(obj, "prompt", str, where), f"{where}.prompt", limits, tokenizer)
-    images = field(obj, "images", list, where)
+    prompt = check_prompt(required(obj, "prompt", str, where), f"{where}.prompt", limits, tokenizer)
+    images = required(obj, "images", list, where)
     if not images:
         raise RequestError(422, f"{where}.images: empty")
     if n_images is not None and len(images) != n_images:
@@ -188,7 +188,7 @@ def parse_items(payload, limits: Limits, tokenizer) -> tuple[list[Item], bool]:
     """``/v1/score``'s body: the items and whether to return every rollout (``details``)."""
     if not isinstance(payload, dict):
         raise RequestError(422, f"body: expected an object with 'items', got {type(payload).__name__}")
-    items = field(payload, "items", list, "body")
+    items = required(payload, "items", list, "body")
     if not items:
         raise RequestError(422, "body.items: empty")
     if len(items) > limits.max_items:
@@ -217,7 +217,7 @@ def parse_chat(payload, limits: Limits, tokenizer) -> Item:
         raise RequestError(422, "body.stream: streaming is not supported")
     if payload.get("n", 1) != 1:
         raise RequestError(422, "body.n: only n = 1 is supported (use seed for other rollouts)")
-    messages = field(payload, "messages", list, "body")
+    messages = required(payload, "messages", list, "body")
     users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
     if not users:
         raise RequestError(422, "body.messages: no user message")
