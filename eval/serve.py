@@ -204,6 +204,10 @@ def main(argv: list[str] | None = None) -> None:
             limits = Limits.from_args(args)
             scale = parse_scale(args.scale) if args.scale else None
             ScoringSpec(args.method or "anchor", (), args.k, args.max_new_tokens, args.temperature)
+            if args.max_queue_items < limits.max_items:  # else the largest request could never be queued
+                raise ValueError(
+                    f"--max-queue-items {args.max_queue_items} is below --max-items {limits.max_items}"
+                )
         except ValueError as e:
             raise UserError(str(e)) from None
         scorer = BatchScorer.load(args.model, token_budget=args.token_budget, method=args.method, k=args.k,

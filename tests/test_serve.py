@@ -252,7 +252,8 @@ def test_judge_client_retries_with_backoff_then_gives_up():
 @pytest.mark.parametrize(
     "argv,fragment",
     [(["--model", "runs/nope/checkpoint-000100"], "runs/nope"), (["--model", "x", "--max-items", "0"], "--max-items"),
-     (["--model", "x", "--k", "0"], "≥ 1"), (["--model", "x", "--scale", "7-1"], "--scale")],
+     (["--model", "x", "--k", "0"], "≥ 1"), (["--model", "x", "--scale", "7-1"], "--scale"),
+     (["--model", "x", "--max-queue-items", "8"], "below --max-items 64")],
 )  # fmt: skip
 def test_serve_command_errors_are_one_line(argv, fragment, capsys):
     with pytest.raises(SystemExit) as exit_:
