@@ -2,6 +2,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 BENCH   := .venv/.bench-installed
+SERVE   := .venv/.serve-installed
 RUNS    := runs
 MODEL   ?= Qwen/Qwen2.5-VL-7B-Instruct
 DATA    ?=
@@ -29,7 +30,14 @@ $(BENCH): $(STAMP)
 	@! $(PY) -c "import torchvision" 2>/dev/null || (echo "torchvision must not be installed beside torch 2.13.0 (see docs/facts.md)"; exit 1)
 	touch $(BENCH)
 
-test: $(STAMP) $(BENCH)  ## run the whole test suite (CPU, offline); the fast part alone: .venv/bin/python -m pytest -m "not slow"
+# The serve extra (FastAPI, uvicorn) runs python -m eval.serve; serve-test adds the HTTP and OpenAI
+# clients tests/test_serve*.py call it with. Neither changes torch or anything else pinned.
+$(SERVE): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[serve,serve-test]"
+	@! $(PY) -c "import torchvision" 2>/dev/null || (echo "torchvision must not be installed beside torch 2.13.0 (see docs/facts.md)"; exit 1)
+	touch $(SERVE)
+
+test: $(STAMP) $(BENCH) $(SERVE)  ## run the whole test suite (CPU, offline); the fast part alone: .venv/bin/python -m pytest -m "not slow"
 	$(PY) -m pytest -q
 
 lint: $(STAMP)  ## ruff lint and format check
@@ -65,5 +73,5 @@ eval-imagereward: $(STAMP)  ## soft/hard rating accuracy on the ImageReward test
 eval-hpsv2: $(STAMP)  ## anchor-based soft ranking accuracy on the HPDv2 test set
 	$(PY) -m eval.evaluate experiments/hpsv2.yaml model.name_or_path=$(MODEL) eval.max_groups=0 $(if $(DATA),data.root=$(DATA) eval.root=$(DATA)) $(ARGS)
 
-bench: $(BENCH)  ## our GRPO step vs TRL's GRPOTrainer on the same workload (writes BENCHMARKS.md)
+bench: $(BENCH) $(SERVE)  ## our GRPO step vs TRL's GRPOTrainer on the same workload, and the judge server (writes BENCHMARKS.md)
 	$(PY) experiments/bench.py --out $(RUNS)/bench

@@ -29,5 +29,13 @@ setup(
         "tqdm",
         "pyyaml",
     ],
-    extras_require={"bench": ["trl==1.16.0"], "plot": ["matplotlib"]},
+    extras_require={
+        "bench": ["trl==1.16.0"],
+        "plot": ["matplotlib"],
+        "serve": ["fastapi==0.163.2", "uvicorn==0.54.0"],  # python -m eval.serve
+        "serve-test": [
+            "httpx==0.28.1",
+            "openai==3.51.0",
+        ],  # the real clients tests/test_serve*.py call it with
+    },
 )

@@ -7,4 +7,8 @@ into ``eval.evaluate.evaluate``: the same code the ``python -m eval.evaluate`` a
 commands run, so a number logged during training and a number reported afterwards are one
 computation. It sits below ``grpo`` rather than in a package of its own because the metric
 protocols it reports are a public contract at ``eval.metrics``; nothing in ``eval`` imports ``grpo``.
+
+The judge as a reward service sits on top of ``score`` and ``rank`` (docs/serving.md): ``batch``
+(many prompts in batched rollouts), ``adapters`` (the call shapes of diffusion-RL trainers),
+``serve`` with ``serve_io`` and ``coalesce`` (the HTTP server) and ``client``.
 """

@@ -38,11 +38,10 @@ from common.errors import DataError, user_errors_exit
 from common.manifest import check_model_source, load_errors_as_checkpoint_error
 from data.imagereward import RATING_SCALE
 from data.images import BadImageError, normalize_image
-from data.prompts import parse_completion
 from data.sets import prompt_problem
 from data.types import ImageRef
-from eval.scale import parse_scale, rating_scale
-from eval.score import METHODS, GroupResult, ScoringSpec, score_groups, seeded
+from eval.scale import checkpoint_method, parse_scale, rating_scale
+from eval.score import METHODS, GroupResult, ScoringSpec, image_reasoning, score_groups, seeded
 from models.qwen_vl import (
     DEFAULT_MAX_PIXELS,
     image_token_count,
@@ -68,13 +67,16 @@ class PreferenceScorer:
     """A reasoning judge as a reward function: ``score(prompt, images) -> list[float]``.
 
     ``model`` is a checkpoint folder or hub id, or an already loaded ``(model, processor)``.
+    ``method=None`` follows the task the checkpoint was trained for (``eval.scale.checkpoint_method``).
+    Each request draws its rollouts from its own seed (``ScoringSpec.seed_per_request``), so a
+    prompt's scores do not depend on ``batch_size`` or on what else is scored with it.
     ``max_pixels`` caps the image area as in ``load_model`` (None: the training cap).
     """
 
     def __init__(
         self,
         model: str | Path | tuple,
-        method: str = "rating",
+        method: str | None = None,
         k: int = 1,
         scale: tuple[int, ...] | None = None,
         max_new_tokens: int = SamplingSpec.max_new_tokens,
@@ -88,12 +90,13 @@ class PreferenceScorer:
     ) -> None:
         if scale is None:  # the scale the checkpoint was trained on, else ImageRewardDB's
             scale, _ = rating_scale(model, None, RATING_SCALE, "ImageRewardDB's 1-7")
+        method = method or checkpoint_method(model)
         if isinstance(model, (str, Path)):
             model = load_model(str(model), dtype, device, max_pixels=max_pixels)
         self.model, self.processor = model
         self.model.eval()
         self.spec = ScoringSpec(method, tuple(scale) if method == "rating" else (), k, max_new_tokens,
-                                temperature, batch_size, seed, debias)  # fmt: skip
+                                temperature, batch_size, seed, debias, seed_per_request=True)  # fmt: skip
 
     def judge(self, prompt: str, images: list[Image.Image | str | Path]) -> GroupResult:
         """The full result for one prompt: image scores (``soft@…``, ``hard@…``) and every rollout.
@@ -162,11 +165,7 @@ def _as_image(im: Image.Image | str | Path, i: int) -> Image.Image:
 def ranked(result: GroupResult, spec: ScoringSpec) -> list[Ranked]:
     """Per-image rows of a ``GroupResult``, best soft score first."""
     soft, hard = result.scores[f"soft@{spec.k}"], result.scores[f"hard@{spec.k}"]
-    reasoning = [""] * result.n_images
-    for idx, j in zip(result.requests, result.judgements):
-        about = idx[0] if spec.method == "rating" else idx[1] if idx[0] == result.anchor else None
-        if about is not None and not reasoning[about]:
-            reasoning[about] = parse_completion(j.texts[0], spec.values).reasoning
+    reasoning = image_reasoning(result, spec)
     rows = [Ranked(i, soft[i], hard[i], reasoning[i]) for i in range(result.n_images)]
     return sorted(rows, key=lambda r: -r.soft)
 
@@ -217,7 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("images", nargs="+", help="image files and/or folders of images")
     parser.add_argument("--model", required=True, help="checkpoint folder or hub id of a Qwen2.5-VL judge")
     parser.add_argument("--prompt", required=True, help="the text prompt the images were generated from")
-    parser.add_argument("--method", choices=METHODS, default="rating", help="how to score (default rating)")
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default=None,
+        help="how to score (default: anchor for a checkpoint trained on pairs, else rating)",
+    )
     parser.add_argument("--debias", action="store_true", help="pairwise: ask each comparison in both orders")
     parser.add_argument("--k", type=int, default=1, help="Mean@k: reasoning rollouts per question")
     parser.add_argument(
@@ -309,7 +313,7 @@ def run(args, parser) -> None:
     print(f"image tokens: {sum(tokens)} in all (images capped at {cap:,} pixels; --max-pixels changes it)")
     if args.json:
         out = {
-            "prompt": args.prompt, "model": args.model, "method": args.method, "debias": args.debias,
+            "prompt": args.prompt, "model": args.model, "method": scorer.spec.method, "debias": args.debias,
             "k": args.k, "seed": args.seed, "anchor": None if result.anchor is None else names[result.anchor],
             "max_pixels": cap,
             "ranking": [{"rank": n, "file": names[r.index], "soft": r.soft, "hard": r.hard,

@@ -1,5 +1,5 @@
-"""The rating scale a judge is prompted with: ``python -m eval.evaluate``, ``eval.rank`` and
-``PreferenceScorer`` work it out here, in one way.
+"""The rating scale a judge is prompted with, and its default scoring method: ``python -m
+eval.evaluate``, ``eval.rank``, ``PreferenceScorer`` and ``eval.serve`` work them out here, in one way.
 
 The scale given on the command line (``--scale LO-HI`` or a comma list) wins; else the scale the
 model was trained on (the ``task.json`` of a checkpoint written by ``grpo.train``); else the
@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from common.manifest import saved_scale
+from common.manifest import read_task, saved_scale
 
 
 def parse_scale(text: str) -> tuple[int, ...]:
@@ -45,3 +45,11 @@ def rating_scale(
     if saved:
         return saved, source
     return fallback, fallback_source
+
+
+def checkpoint_method(model: object) -> str:
+    """The default scoring method of a judge: ``anchor`` for a checkpoint trained on pairs (its
+    ``task.json``), else ``rating`` (a rating checkpoint, a hub id, a model without a task record)."""
+    folder = Path(model) if isinstance(model, (str, Path)) else None
+    info = read_task(folder) if folder is not None and folder.is_dir() else None
+    return "anchor" if info and info["task"] == "pair" else "rating"

@@ -30,7 +30,11 @@ Per group of N images (one prompt) a *method* turns request scores into N image 
 
 (see ``eval.pairwise``). ``score_groups`` streams groups through fixed-size batches of
 requests from several prompts, so a batch is always full and memory holds one batch of images.
-Sampling is random: seed torch before calling (``seeded``) for reproducible scores.
+Sampling is random: seed torch before calling (``seeded``) for reproducible scores. With
+``ScoringSpec.seed_per_request`` each request instead draws its rollouts from generators of its
+own, seeded by ``(seed, group id, request index, rollout)`` (``request_seed``, ``rollout_seeds``):
+a request then gets the same rollouts whatever else shares its batch and in whatever order
+(``eval.rank``, ``eval.batch`` and the server run this way).
 
 Shapes: ``B`` requests in a batch, ``k`` rollouts each, ``N = B·k`` completions, ``T`` tokens.
 """
@@ -38,9 +42,11 @@ Shapes: ``B`` requests in a batch, ``k`` rollouts each, ``N = B·k`` completions
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -55,7 +61,7 @@ from eval.pairwise import (
 )
 from models.kv_cache import kv_cache_available
 from models.qwen_vl import build_inputs, render_prompt, repeat_inputs
-from models.sampling import sample_completions, sample_shared_first_image
+from models.sampling import draw_tokens, draw_tokens_per_row, sample_completions, sample_shared_first_image
 from models.soft_head import soft_scores
 
 METHODS = ("rating", "anchor", "round-robin")
@@ -88,6 +94,10 @@ class ScoringSpec:
     """Anchor method: prefill the instructions + anchor image once per group and reuse that KV
     cache for its N − 1 comparisons (``models.sampling.sample_shared_first_image``). Same samples
     for the same seed; only the cost changes."""
+    seed_per_request: bool = False
+    """Draw each request's rollouts from generators of its own (``request_seed``): its scores then
+    do not depend on the batch size, the other requests in its batch or their order. Off: one
+    stream for the whole run (seed it with ``seeded``)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -127,6 +137,23 @@ class Request:
     task: str
     prompt: str
     images: list[Image.Image]
+    seed: int | None = None  # the request's own seed (``request_seed``); None: the global stream
+
+
+def request_seed(seed: int, group_id: str, index: int) -> int:
+    """The seed of request ``index`` of group ``group_id`` under run seed ``seed`` (≥ 0).
+
+    Mixed by NumPy's ``SeedSequence`` (the group id hashed with CRC-32, stable across processes), so
+    neighbouring seeds, groups and requests get unrelated streams.
+    """
+    words = [seed, zlib.crc32(group_id.encode("utf-8")), index]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)  # < 2^63
+
+
+def rollout_seeds(seeds_B: list[int], k: int) -> list[int]:
+    """The generator seed of each of the ``N = B·k`` rollout rows (row n: request n // k, rollout n % k)."""
+    return [int(np.random.SeedSequence([s, j]).generate_state(1, np.uint64)[0] >> 1) for s in seeds_B
+            for j in range(k)]  # fmt: skip
 
 
 @dataclass
@@ -196,6 +223,9 @@ def judge(
     (the anchor method's ``[anchor, j]``) also share the prefill of that opening. Both draw, for
     the same seed, the same rollouts as one plain ``generate``. Without a KV cache (gradient
     checkpointing in training mode) every request goes through ``generate``.
+
+    Requests that carry a ``seed`` draw their rollouts from generators of their own
+    (``rollout_seeds``); then every request of the batch must carry one, and a KV cache is needed.
     """
     tasks = {r.task for r in requests}
     assert len(tasks) == 1, f"one task per batch, got {tasks}"
@@ -204,11 +234,20 @@ def judge(
     device = next(model.parameters()).device
     inputs = {name: t.to(device) for name, t in encode_requests(processor, requests, rating_values).items()}
     cached, s = kv_cache_available(model), sampling
+    seeds = [r.seed for r in requests]
+    draw = draw_tokens
+    if any(x is not None for x in seeds):
+        if None in seeds or not (cached and s.share_prefix):
+            raise ValueError("per-request seeds need a seed on every request of the batch and the "
+                             "shared-prefix sampling loop (a KV cache, share_prefix)")  # fmt: skip
+        draw = draw_tokens_per_row(rollout_seeds(seeds, k))
     if share_first_image and cached and task == "pair":
-        comp = sample_shared_first_image(model, processor, inputs, k, s.max_new_tokens, s.temperature)
+        comp = sample_shared_first_image(
+            model, processor, inputs, k, s.max_new_tokens, s.temperature, draw=draw
+        )
     else:
         comp = sample_completions(model, processor, inputs, k, s.max_new_tokens, s.temperature,
-                                  share_prefix=s.share_prefix and cached)  # fmt: skip
+                                  share_prefix=s.share_prefix and cached, draw=draw)  # fmt: skip
     inputs_N = repeat_inputs(inputs, k)  # row n is request n // k
     soft, hard, ok, fb = score_completions(
         model, processor, inputs_N, comp.ids_NT, comp.mask_NT, comp.texts, task, values
@@ -273,6 +312,17 @@ def image_scores(spec: ScoringSpec, result: GroupResult, which: str, k: int) -> 
     return round_robin_scores(n, result.requests, per_request, prior=spec.bt_prior)
 
 
+def image_reasoning(result: GroupResult, spec: ScoringSpec) -> list[str]:
+    """Per image, the reasoning of the first rollout of the first request about it: its rating, or
+    its comparison with the anchor; "" for the anchor and under round robin."""
+    reasoning = [""] * result.n_images
+    for idx, j in zip(result.requests, result.judgements):
+        about = idx[0] if spec.method == "rating" else idx[1] if idx[0] == result.anchor else None
+        if about is not None and not reasoning[about]:
+            reasoning[about] = parse_completion(j.texts[0], spec.values).reasoning
+    return reasoning
+
+
 def score_groups(
     model, processor, groups: Iterable[tuple[str, str, list[Image.Image]]], spec: ScoringSpec
 ) -> Iterator[GroupResult]:
@@ -302,7 +352,9 @@ def score_groups(
     for group_id, prompt, images in groups:
         anchor, plan = plan_group(spec, len(images), group_id)
         result = GroupResult(group_id, prompt, len(images), anchor, plan, [None] * len(plan))
-        requests = [Request(spec.task, prompt, [images[i] for i in idx]) for idx in plan]
+        requests = [Request(spec.task, prompt, [images[i] for i in idx],
+                            request_seed(spec.seed, group_id, i) if spec.seed_per_request else None)
+                    for i, idx in enumerate(plan)]  # fmt: skip
         queue.append(result)
         pending += [(result, i, r) for i, r in enumerate(requests)]
         while len(pending) >= spec.batch_size:

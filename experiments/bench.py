@@ -14,7 +14,8 @@ on both sides (our ``grpo_step``; TRL from ``on_step_begin`` to ``on_step_end``)
 images and logging are outside on both sides. Also measured: our step for G ∈ {2, 4, 8, 16}
 with and without prefix sharing and the prompt prefill alone, the LM head on completion
 positions only vs on every position, and evaluation throughput (soft rating; anchor ranking
-with N = 9). Results: ``OUT/bench.json`` and ``OUT/BENCHMARKS.md``; the table also replaces the
+with N = 9). The ``serve`` workload (``experiments/bench_serve.py``) measures the judge as a reward
+service: batched scoring against one call per item, and the server's latency. Results: ``OUT/bench.json`` and ``OUT/BENCHMARKS.md``; the table also replaces the
 generated section of the repository's ``BENCHMARKS.md``.
 
 Allocator: both sides run under ``MALLOC_MMAP_THRESHOLD_=1048576`` by default
@@ -45,6 +46,7 @@ import time
 from pathlib import Path
 
 from bench_report import command_line, machine_summary, markdown, update_benchmarks_md, workload_summary
+from bench_serve import SERVE, run_serve, serve_markdown
 from bench_workers import REAL_QWEN_FILES, RESULT_TAG, ROOT, WORKERS, WORKLOADS, median, workload_config
 
 
@@ -133,9 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--workloads",
         nargs="+",
-        default=["small", "real"],
-        choices=sorted(WORKLOADS),
-        help="small: the tiny 'small' preset; real: the real 7B configuration shrunk (needs --like)",
+        default=["small", "real", SERVE],
+        choices=sorted([*WORKLOADS, SERVE]),
+        help="small: the tiny 'small' preset; real: the real 7B configuration shrunk (needs --like); "
+        "serve: the judge's batched scoring and server latency (experiments/bench_serve.py)",
     )
     p.add_argument("--real-steps", type=int, default=2, help="timed steps per process, real workload")
     p.add_argument(
@@ -175,10 +178,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"skipping the real workload: {a.like} has no config.json (pass --like DIR)", file=sys.stderr)
         a.workloads = [w for w in a.workloads if w != "real"]
     a.out.mkdir(parents=True, exist_ok=True)
-    prepare(a.out, a.workloads, a.like)
+    grpo_workloads = [w for w in a.workloads if w != SERVE]
+    if grpo_workloads:
+        prepare(a.out, grpo_workloads, a.like)
     t_start = time.perf_counter()
     workloads = {}
-    for workload in a.workloads:
+    for workload in grpo_workloads:
         cfg = workload_config(a.out, workload)
         per_step = cfg.grpo.prompts_per_step * cfg.grpo.group_size
         rounds = a.rounds if workload == "small" else a.real_rounds
@@ -217,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         lm_head = run("lm_head", a)
         print("evaluation throughput", file=sys.stderr)
         evaluation = run("eval", a)
+    serve = run_serve(a.out, a.threads, a.quick) if SERVE in a.workloads else None
     head = by_precision.get(a.precisions[0], {})
     result = {
         "precision": a.precisions[0],
@@ -225,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         "speedup": head.get("speedup"),
         "peak_rss_ratio": head.get("peak_rss_ratio"),
         "by_precision": by_precision,
-        "workloads": workloads,
+        "workloads": {**workloads, SERVE: serve} if serve else workloads,
         "sharing_real": sharing_real,
         "group_sizes": groups,
         "lm_head": lm_head,
@@ -243,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         "wall_s": time.perf_counter() - t_start,
     }
     (a.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
+    table = markdown({**result, "workloads": workloads}) + (serve_markdown(serve) if serve else "")
     (a.out / "BENCHMARKS.md").write_text(table)
     if not (a.no_markdown or a.quick or a.headline_only):
         update_benchmarks_md(ROOT / "BENCHMARKS.md", table)

@@ -121,12 +121,35 @@ def draw_tokens(scores_NV: torch.Tensor) -> torch.Tensor:
     sampling step (``BENCHMARKS.md``). Precision: ``cumsum`` on CPU accumulates float32 in double,
     so each ``c_i`` carries one rounding (2^-24 relative), about the resolution of the uniform.
     """
+    u_N1 = torch.rand((scores_NV.shape[0], 1), device=scores_NV.device)
+    return inverse_cdf(scores_NV, u_N1)
+
+
+def inverse_cdf(scores_NV: torch.Tensor, u_N1: torch.Tensor) -> torch.Tensor:
+    """The token of each row at uniform ``u_N1`` in [0, 1) (see ``draw_tokens``); overwrites ``scores_NV``."""
     weights_NV = scores_NV.sub_(scores_NV.amax(dim=-1, keepdim=True)).exp_()
     cdf_NV = torch.cumsum(weights_NV, dim=-1, out=weights_NV)  # in place: one (N, V) buffer in all
     total_N1 = cdf_NV[:, -1:]
     below_N1 = torch.nextafter(total_N1, torch.zeros_like(total_N1))  # u·c_V may round up to c_V
-    u_N1 = torch.minimum(torch.rand(total_N1.shape, device=total_N1.device) * total_N1, below_N1)
+    u_N1 = torch.minimum(u_N1 * total_N1, below_N1)
     return torch.searchsorted(cdf_NV, u_N1, right=True).squeeze(1)
+
+
+def draw_tokens_per_row(seeds_N: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``draw_tokens`` with row n's uniforms from a generator of its own, seeded ``seeds_N[n]``.
+
+    A row's tokens then depend only on its seed and its own logits, not on which other rows share
+    the batch or in what order (the per-item determinism of ``eval.batch``). One ``torch.rand``
+    call per row and step, on the CPU: negligible beside a decoding step.
+    """
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds_N]
+
+    def draw(scores_NV: torch.Tensor) -> torch.Tensor:
+        assert scores_NV.shape[0] == len(generators), f"{scores_NV.shape[0]} rows, {len(generators)} seeds"
+        u_N1 = torch.cat([torch.rand(1, generator=g) for g in generators])[:, None]
+        return inverse_cdf(scores_NV, u_N1.to(scores_NV.device))
+
+    return draw
 
 
 def draw_tokens_as_generate(scores_NV: torch.Tensor) -> torch.Tensor:
