@@ -28,6 +28,12 @@ setup(
         "pyarrow",
         "tqdm",
         "pyyaml",
+        "tensorboard",
     ],
-    extras_require={"bench": ["trl==1.16.0"], "plot": ["matplotlib"]},
+    extras_require={
+        "bench": ["trl==1.16.0"],
+        "plot": ["matplotlib"],
+        "wandb": ["wandb==0.31.0"],  # train.report_to=wandb
+        "browser": ["playwright==1.65.2"],  # tests/test_report_html.py drives a real Chromium with it
+    },
 )
