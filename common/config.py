@@ -212,6 +212,10 @@ class EvalConfig:
     """Seed of the evaluation rollouts and the anchor choice."""
     batch_size: int = 16
     """Prompts (rating) or comparisons (anchor) per generate call."""
+    swap_groups: int = 16
+    """Pairwise methods: the comparisons of the first N groups are also asked with the images
+    swapped (one rollout each) to measure position consistency (eval.diagnostics); 0 = never.
+    A debiased run (--debias) asks every comparison both ways and needs no extra pass."""
 
 
 @dataclass

@@ -313,3 +313,19 @@ def score_groups(
         run(pending)
     yield from finished()
     assert not queue, "every group is finished once every request is judged"
+
+
+def swapped_answers(model, processor, groups, spec: ScoringSpec) -> tuple[list[float], list[float]]:
+    """Ask every comparison ``(a, b)`` of the given ``(GroupResult, images)`` again as ``(b, a)``, one
+    rollout each: returns ``(p_ab, p_ba)``, the first rollout's soft answer in each order, for
+    ``eval.diagnostics.position_consistency``. Seed torch first (``seeded``)."""
+    p_ab, requests = [], []
+    for result, images in groups:
+        for (a, b), j in zip(result.requests, result.judgements):
+            p_ab.append(j.soft[0])
+            requests.append(Request("pair", result.prompt, [images[b], images[a]]))
+    p_ba = []
+    for start in range(0, len(requests), spec.batch_size):
+        batch = requests[start : start + spec.batch_size]
+        p_ba += [j.soft[0] for j in judge(model, processor, batch, (), 1, spec.sampling)]
+    return p_ab, p_ba
