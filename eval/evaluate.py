@@ -28,8 +28,9 @@ Choices made here:
   the same scores, and the caller's RNG stream (e.g. the train loop's) is left untouched.
 
 Writes ``report.json``, ``predictions.jsonl`` (per prompt: the images, human ranks, anchor,
-every image score, and each request's image indices, rollout texts and per-rollout scores) and
-``summary.md`` (a markdown table) into ``--out`` (default
+every image score, and each request's image indices, rollout texts and per-rollout scores),
+``summary.md`` (a markdown table) and ``report.html`` (the page to read: tables, diagnostics, and
+every prompt's images as thumbnails, ranked, with scores and reasoning) into ``--out`` (default
 ``runs/eval/<model folder>-<kind>-<split>-<method>-k<k>``). The report's keys:
 
 - ``metrics[score][protocol]`` for score in soft@1, hard@1 (+ soft@k, hard@k) and protocol in
@@ -67,6 +68,7 @@ from data.read import EVAL_HELP, read_eval_set
 from data.types import EvalGroup
 from eval.diagnostics import judge_diagnostics
 from eval.metrics import count_pairs, hpsv2_accuracy, imagereward_accuracy, pairwise_accuracy
+from eval.report_html import evaluation_page
 from eval.scale import parse_scale, rating_scale
 
 # torch, transformers and the scoring code (eval.score) are imported where they are used, so that
@@ -229,7 +231,8 @@ def build_report(results, kept, spec, kind: str, wall_s: float, skipped: Counter
 
 
 def write_outputs(out: Path, report: dict, results: list, kept) -> None:
-    """``report.json``, ``predictions.jsonl`` (one line per prompt) and ``summary.md``."""
+    """``report.json``, ``predictions.jsonl`` (one line per prompt), ``summary.md`` and ``report.html``
+    (``eval.report_html``: the page a person reads, with thumbnails and the reasoning)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(out / "predictions.jsonl", "w") as fh:
@@ -255,6 +258,7 @@ def write_outputs(out: Path, report: dict, results: list, kept) -> None:
             }
             fh.write(json.dumps(row) + "\n")
     (out / "summary.md").write_text(summary_markdown(report))
+    (out / "report.html").write_text(evaluation_page(report, results, kept))
 
 
 def summary_markdown(report: dict) -> str:
@@ -400,7 +404,9 @@ def run(args, parser) -> None:
              method=method, debias=args.debias, label=args.label or Path(name).name, model_name=name,
              read_skipped=read_skipped)  # fmt: skip
     print((out / "summary.md").read_text())
-    print(f"wrote {out / 'report.json'}, {out / 'predictions.jsonl'}, {out / 'summary.md'}")
+    print(
+        f"wrote {out / 'report.json'}, {out / 'predictions.jsonl'}, {out / 'summary.md'}, {out / 'report.html'}"
+    )
 
 
 if __name__ == "__main__":
