@@ -19,9 +19,9 @@ under ``report.json``'s ``diagnostics`` and in its printed summary (docs/monitor
   (max − min) so that it lies in [0, 1] as for pairs.
 - **Parse failures**: the share of rollouts without a well-formed ``<answer>``.
 - **Hard vs soft**: among well-formed rollouts, the share whose written answer is not the soft
-  score's choice: for a pair, the image with p > 0.5 (no choice at exactly 0.5); for a rating, the
-  rating nearest to E[r | C]. A high value means the sampled answers often contradict the
-  model's own answer distribution (a high temperature, or a distribution with two modes).
+  score's choice, the argmax of the answer distribution it averages over (for a pair: 1 exactly
+  when p(1 | C) > 0.5). A high value means the sampled answers often contradict the model's own
+  answer distribution at the answer position (sampling at a high temperature).
 """
 
 from __future__ import annotations
@@ -85,24 +85,15 @@ def parse_failure_rate(well_formed) -> float:
     return float((~well_formed).mean()) if well_formed.size else 0.0
 
 
-def hard_soft_disagreement(hard, soft, well_formed, task: str, values=(0, 1)) -> float | None:
-    """Among well-formed rollouts, the share whose written answer is not the soft score's choice.
-
-    ``task`` "pair": the choice is 1 if p > 0.5, 0 if p < 0.5 (p = 0.5 chooses nothing and is
-    left out). "rating": the value of ``values`` nearest to the soft rating (ties to the lower).
-    None when no rollout counts.
-    """
-    hard, soft = np.asarray(hard, dtype=float), np.asarray(soft, dtype=float)
+def hard_soft_disagreement(hard, choice, well_formed) -> float | None:
+    """Among well-formed rollouts, the share whose written answer ``hard`` is not ``choice``, the
+    argmax of the soft score's answer distribution (``models.soft_head.answer_choice``). None when
+    no rollout is well formed."""
+    hard, choice = np.asarray(hard, dtype=float), np.asarray(choice, dtype=float)
     keep = np.asarray(well_formed, dtype=bool)
-    if task == "pair":
-        keep &= soft != 0.5
-        choice = (soft > 0.5).astype(float)
-    else:
-        scale = np.asarray(sorted(values), dtype=float)
-        choice = scale[np.abs(soft[:, None] - scale[None, :]).argmin(axis=1)]  # (n,) nearest rating
-    if not keep.any():
-        return None
-    return float((hard[keep] != choice[keep]).mean())
+    if hard.shape != choice.shape or hard.shape != keep.shape:
+        raise ValueError(f"answers {hard.shape}, choices {choice.shape} and flags {keep.shape} must match")
+    return float((hard[keep] != choice[keep]).mean()) if keep.any() else None
 
 
 def pair_outcomes(requests, ranks, p_second) -> tuple[list[float], list[float]]:
@@ -139,13 +130,13 @@ def judge_diagnostics(results, kept, task: str, values, swapped=None) -> dict:
     ``hard_soft_disagreement`` and, for pairs, ``position_consistency`` (None if no pair was
     asked both ways).
     """
-    soft, hard, ok, predicted, observed = [], [], [], [], []
+    choice, hard, ok, predicted, observed = [], [], [], [], []
     p_ab, p_ba = swapped or ([], [])
     for result, (group, keep) in zip(results, kept):
         ranks = [group.ranks[i] for i in keep]
         ratings = [group.ratings[i] for i in keep] if len(group.ratings) == len(group.images) else None
         for idx, j in zip(result.requests, result.judgements):
-            soft += j.soft
+            choice += j.choice
             hard += j.hard
             ok += j.well_formed
             if task == "pair":
@@ -172,7 +163,7 @@ def judge_diagnostics(results, kept, task: str, values, swapped=None) -> dict:
         "ece": cal["ece"],
         "calibration": {"basis": basis, "n": cal["n"], "bins": cal["bins"]},
         "parse_failure_rate": parse_failure_rate(ok),
-        "hard_soft_disagreement": hard_soft_disagreement(hard, soft, ok, task, values),
+        "hard_soft_disagreement": hard_soft_disagreement(hard, choice, ok),
     }
     if task == "pair":
         out["position_consistency"] = position_consistency(p_ab, p_ba) if p_ab else None

@@ -252,6 +252,7 @@ def write_outputs(out: Path, report: dict, results: list, kept) -> None:
                         "hard": j.hard,
                         "well_formed": j.well_formed,
                         "fallback": j.fallback,
+                        "choice": j.choice,
                     }
                     for idx, j in zip(r.requests, r.judgements)
                 ],

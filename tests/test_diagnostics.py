@@ -64,16 +64,11 @@ def test_ece_by_hand():
 
 def test_parse_failures_and_hard_soft_disagreement_by_hand():
     assert parse_failure_rate([True, False, False, True]) == 0.5
-    # pairs: row 0 agrees (1, p 0.9), row 1 does not (0, p 0.8); row 2 p = 0.5 chooses nothing;
-    # row 3 is not well formed
-    assert (
-        hard_soft_disagreement([1, 0, 1, 0], [0.9, 0.8, 0.5, 0.2], [True, True, True, False], "pair") == 0.5
-    )
-    # ratings: nearest to 2.4 is 2 (agrees), to 2.6 is 3 (wrote 2), to 6.5 is 6 (wrote 7)
-    assert hard_soft_disagreement([2, 2, 7], [2.4, 2.6, 6.5], [True] * 3, "rating", SCALE) == pytest.approx(
+    # written 2, 2, 7, 0 where the answer distribution's argmax is 2, 3, 6, 1; the last is not well formed
+    assert hard_soft_disagreement([2, 2, 7, 0], [2, 3, 6, 1], [True, True, True, False]) == pytest.approx(
         2 / 3
     )
-    assert hard_soft_disagreement([0.5], [0.7], [False], "pair") is None
+    assert hard_soft_disagreement([0.5], [1], [False]) is None
 
 
 def test_pairs_from_requests():
