@@ -132,7 +132,8 @@ def test_wandb_offline_writes_its_run_folder(one_thread, tiny_dir, synthetic_ir,
     out = tmp_path / "run"
     train(config(tiny_dir, synthetic_ir, out, "train.steps=2", "train.save_every=0", "train.report_to=wandb"))
     (run_file,) = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
-    assert run_file.endswith(f"run-{(out / 'wandb-run-id').read_text().strip()}.wandb")
+    run_id = (out / "wandb-run-id").read_text().strip()
+    assert run_file.endswith(f"run-{run_id}.wandb")
     history, config_keys = [], set()
     for record in wandb_records(run_file):
         kind = record.WhichOneof("record_type")
@@ -141,6 +142,7 @@ def test_wandb_offline_writes_its_run_folder(one_thread, tiny_dir, synthetic_ir,
         elif kind == "run":
             config_keys |= {u.key for u in record.run.config.update}
     assert [int(h["_step"]) for h in history] == [1, 2]
+
     for t in (
         "reward",
         "kl",
@@ -154,6 +156,16 @@ def test_wandb_offline_writes_its_run_folder(one_thread, tiny_dir, synthetic_ir,
     assert [float(h["train/kl"]) for h in history] == pytest.approx([r["kl"] for r in rows])
     assert any(k.startswith("samples/") for k in history[1]), "the sample table at step 2"
     assert {"grpo", "train", "git_commit"} <= config_keys, config_keys
+
+    # resumed for a third step: a second offline folder of the same run, holding step 3 only
+    train(config(tiny_dir, synthetic_ir, out, "train.steps=3", "train.save_every=0", "train.report_to=wandb",
+                 "train.resume=auto"))  # fmt: skip
+    files = sorted(glob.glob(str(out / "wandb" / "offline-run-*" / f"run-{run_id}.wandb")))
+    assert len(files) == 2, files
+    (resumed,) = [f for f in files if f != run_file]
+    steps = [int({i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}["_step"])
+             for r in wandb_records(resumed) if r.WhichOneof("record_type") == "history"]  # fmt: skip
+    assert steps == [3]
 
 
 @pytest.mark.parametrize("experiment", ["experiments/imagereward.yaml", "experiments/hpsv2.yaml"])

@@ -180,7 +180,10 @@ class Tracker:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
+            import wandb
+
             self.wandb.finish()
+            wandb.teardown()  # waits for wandb's service to write the run out: the files are complete on return
 
 
 def sample_rows(buf, images, n: int) -> list[dict]:
