@@ -10,6 +10,7 @@ written next to every run and checkpoint (``config.yaml``).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -182,8 +183,8 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
     """Where the run is watched live (``grpo.run.tracking``, docs/monitoring.md): any of tensorboard
     (event files under output_dir/tensorboard) and wandb (the optional ``wandb`` extra; offline with
-    WANDB_MODE=offline), or none. Empty or none: metrics.jsonl only. A comma list on the command
-    line: ``train.report_to=tensorboard,wandb``."""
+    WANDB_MODE=offline, project from WANDB_PROJECT), or none. Empty or none: metrics.jsonl only.
+    A comma list on the command line: ``train.report_to=tensorboard,wandb``."""
     samples_every: int = 50
     """Send a table of the step's first log_completions completions (prompt, image thumbnails,
     completion, reward, advantage) to the trackers every N steps; 0 = never."""
@@ -265,6 +266,10 @@ class Config:
         _check(t.strategy in ("ddp", "fsdp"), f"train.strategy: ddp or fsdp, not {t.strategy!r}")
         unknown = set(t.report_to) - {"tensorboard", "wandb", "none"}
         _check(not unknown, f"train.report_to: tensorboard, wandb or none, not {sorted(unknown)}")
+        _check(
+            "wandb" not in t.report_to or importlib.util.find_spec("wandb") is not None,
+            "train.report_to=wandb needs the wandb package: pip install -e '.[wandb]'",
+        )
         _check(self.eval.method in ("auto", "rating", "anchor"), f"unknown eval.method {self.eval.method!r}")
         _check(0 < self.data.pair_fraction <= 1, "data.pair_fraction must be in (0, 1]")
         _check(

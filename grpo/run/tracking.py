@@ -28,6 +28,7 @@ completion, reward and advantage of the step's first ``train.log_completions`` c
 
 from __future__ import annotations
 
+import os
 import resource
 import subprocess
 import time
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 import yaml
 
-from common.config import Config, ConfigError, to_dict
+from common.config import Config, to_dict
 
 # metrics.jsonl key → TRL GRPOTrainer's name for the same quantity
 TRL_NAMES = {
@@ -116,6 +117,8 @@ class Tracker:
         names = set(cfg.train.report_to) - {"none"} if enabled else set()
         self.tb = self.wandb = None
         self.samples_every, self.n_samples = cfg.train.samples_every, cfg.train.log_completions
+        if not names:
+            return
         config, commit = to_dict(cfg), git_commit()
         if "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter
@@ -129,17 +132,14 @@ class Tracker:
                 )
                 self.tb.add_text("run/git", commit, 0)
         if "wandb" in names:
-            try:
-                import wandb
-            except ImportError:
-                raise ConfigError(
-                    "train.report_to=wandb needs the wandb package: pip install -e '.[wandb]'"
-                ) from None
+            import wandb  # installed: Config.validate checks it
+
             id_file = out / "wandb-run-id"
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id + "\n")
-            self.wandb = wandb.init(project="visual-preference-grpo", name=out.name, dir=str(out), id=run_id,
-                                    resume="allow", config={**config, "git_commit": commit})  # fmt: skip
+            project = os.environ.get("WANDB_PROJECT", "visual-preference-grpo")
+            self.wandb = wandb.init(project=project, name=out.name, dir=str(out), id=run_id, resume="allow",
+                                    config={**config, "git_commit": commit})  # fmt: skip
 
     def log(self, step: int, metrics: dict, buf=None, images=None) -> None:
         """Every number of the step's ``metrics`` under its tag; a sample table on every
