@@ -50,6 +50,7 @@ class Card:
     soft: float
     hard: float
     human_rank: float | None = None
+    human_rating: float | None = None
     note: str = ""  # e.g. "anchor"
     rollouts: list[tuple[str, str]] = field(default_factory=list)  # (label, completion text)
 
@@ -68,7 +69,8 @@ def thumbnail_uri(image: Image.Image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def cards_of(result, k: int, images: list, names: list[str], ranks: list[float] | None = None) -> list[Card]:
+def cards_of(result, k: int, images: list, names: list[str], ranks: list[float] | None = None,
+             ratings: list[float] | None = None) -> list[Card]:  # fmt: skip
     """The cards of one ``eval.score.GroupResult``, best Mean@k soft score first (ties keep order).
 
     Each image gets the rollouts of the requests that show it (a rating; a comparison, labelled
@@ -84,11 +86,12 @@ def cards_of(result, k: int, images: list, names: list[str], ranks: list[float] 
                     (f"rollout {r + 1}, {where}: soft {j.soft[r]:.3f}, hard {j.hard[r]:g}", text)
                 )
     cards = [Card(f"#{i + 1} {names[i]}", images[i], soft[i], hard[i], None if ranks is None else ranks[i],
-                  "anchor" if i == result.anchor else "", rollouts[i]) for i in range(result.n_images)]  # fmt: skip
+                  None if ratings is None else ratings[i], "anchor" if i == result.anchor else "", rollouts[i])
+             for i in range(result.n_images)]  # fmt: skip
     return sorted(cards, key=lambda c: -c.soft)
 
 
-def reliability_svg(calibration: dict, lo: float, hi: float, size: int = 220) -> str:
+def reliability_svg(calibration: dict, lo: float, hi: float, observed: str, size: int = 220) -> str:
     """The reliability diagram: each bin's mean outcome against its mean prediction (a dot whose
     area grows with the bin's count) and the diagonal a calibrated judge lies on."""
     pad = 30
@@ -114,7 +117,7 @@ def reliability_svg(calibration: dict, lo: float, hi: float, size: int = 220) ->
         f'<line x1="{x(lo)}" y1="{y(lo)}" x2="{x(hi)}" y2="{y(hi)}" stroke="#999" stroke-dasharray="4 3"/>{dots}'
         f'<text x="{size / 2}" y="{size - 6}" text-anchor="middle" font-size="11">soft score ({lo:g}–{hi:g})</text>'
         f'<text x="10" y="{size / 2}" font-size="11" transform="rotate(-90 10 {size / 2})" text-anchor="middle">'
-        f"human outcome</text></svg>"
+        f"{esc(observed)}</text></svg>"
     )
 
 
@@ -146,7 +149,8 @@ def diagnostics_block(d: dict, lo: float, hi: float) -> str:
                   f"{pc['inconsistency']:.3f} / {pc['flip_rate']:.3f} / {pc['second_slot_bias']:+.3f} "
                   f"over {pc['n_pairs']} pairs")]  # fmt: skip
     table = "".join(f"<tr><td>{esc(a)}</td><td>{esc(b)}</td></tr>" for a, b in rows)
-    svg = reliability_svg(cal, lo, hi) if cal["bins"] else ""
+    observed = "human rating" if cal["basis"].endswith("rating") else "share people preferred the second"
+    svg = reliability_svg(cal, lo, hi, observed) if cal["bins"] else ""
     return f'<table class="diagnostics">{table}</table>{svg}'
 
 
@@ -154,6 +158,7 @@ def card_html(card: Card) -> str:
     img = (f'<img src="{thumbnail_uri(card.image)}" alt="{esc(card.name)}">' if card.image is not None
            else '<p class="muted">image could not be decoded</p>')  # fmt: skip
     human = "" if card.human_rank is None else f"human rank {card.human_rank:g} · "
+    human += "" if card.human_rating is None else f"rating {card.human_rating:g} · "
     note = f" · <b>{esc(card.note)}</b>" if card.note else ""
     texts = "".join(
         f"<p class='muted'>{esc(label)}</p><pre>{esc(text)}</pre>" for label, text in card.rollouts
@@ -204,7 +209,8 @@ def evaluation_page(report: dict, results: list, kept: list) -> str:
         images = [load_or_none(group.images[i]) for i in keep]
         names = [Path(str(group.images[i])).name for i in keep]
         ranks = [group.ranks[i] for i in keep]
-        prompts.append((result.group_id, result.prompt, cards_of(result, k, images, names, ranks)))
+        ratings = [group.ratings[i] for i in keep] if len(group.ratings) == len(group.images) else None
+        prompts.append((result.group_id, result.prompt, cards_of(result, k, images, names, ranks, ratings)))
     facts = [("model", report.get("model") or report.get("label") or ""), ("dataset", report["kind"]),
              ("method", report["method"] + (" (position-debiased)" if report["debias"] else "")),
              ("rollouts per question (k)", str(k)),

@@ -28,8 +28,8 @@ ATTACK = (
 
 
 def test_every_text_is_escaped_and_the_page_has_no_script():
-    card = Card(f"#1 {ATTACK}.png", Image.new("RGB", (300, 200), "red"), 0.9, 1.0, 2.0, "",
-                [(f"rollout 1 {ATTACK}", f"<think>{ATTACK}</think><answer>1</answer>")])  # fmt: skip
+    card = Card(f"#1 {ATTACK}.png", Image.new("RGB", (300, 200), "red"), 0.9, 1.0, human_rank=2.0,
+                rollouts=[(f"rollout 1 {ATTACK}", f"<think>{ATTACK}</think><answer>1</answer>")])  # fmt: skip
     html = page(f"title {ATTACK}", [("model", ATTACK)], [(ATTACK, f"a prompt {ATTACK}", [card])])
     assert "<script" not in html.lower() and "onerror=" not in html.replace("onerror=&quot;", "")
     # shown as text 9 times: <title> and <h1>, the fact, the group id, the prompt, the image's alt
