@@ -6,8 +6,9 @@ images best first by soft score as thumbnails, each with the human rank, the sof
 scores and the reasoning of its rollouts (collapsed, ``<details>``).
 
 - **Self-contained and small.** Images are inline JPEG thumbnails (``THUMBNAIL`` pixels on the
-  longest side, base64 data URIs), never the originals: a few KB per image, so ImageReward's
-  test set (2,720 images) makes a page of about 12 MB (about 4 KB per photograph) that opens offline.
+  longest side, base64 data URIs), never the originals: about 4.5 KB per photograph. Measured
+  at ImageReward's test-set size (2,887 photograph crops, 466 prompts, a reasoning each): a page
+  of 14.6 MiB that headless Chromium loaded, every image decoded, in 2.8 s on a 2-core CPU.
 - **Inert.** Every text from the data or the model (prompts, completions, file names, labels)
   is HTML-escaped, and the page carries no script at all; its Content-Security-Policy allows
   only inline styles and data-URI images, so even markup that slipped through could not run a
