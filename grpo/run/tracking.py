@@ -15,15 +15,17 @@ figures keep theirs (``eval/…``). docs/monitoring.md lists every one and how t
 
 **One curve across restarts.** Each process opens its writer with ``purge_step`` = its first
 step (a session start event): for a run resumed from a checkpoint at step S, TensorBoard then
-hides every event of step > S that the interrupted process had written after its last checkpoint, so each step has exactly one value (the resumed process
-logs those steps again, and a bit-exact resume logs the same values). The wandb run keeps one id
+hides every event of step > S that the interrupted process had written after its last
+checkpoint, so each step has exactly one value (the resumed process logs those steps again, and
+a bit-exact resume logs the same values). The wandb run keeps one id
 (``OUTPUT_DIR/wandb-run-id``) and is resumed under it. The resolved config and the git commit are
 logged once, when the run starts at step 0 (TensorBoard text ``run/config``, ``run/git``; wandb's
 run config).
 
 **Sample tables** every ``train.samples_every`` steps: prompt, the images as thumbnails,
 completion, reward and advantage of the step's first ``train.log_completions`` completions
-(TensorBoard: a markdown text table and an image grid; wandb: a ``wandb.Table``).
+(TensorBoard: a markdown text table ``samples`` and the thumbnails ``samples/image_N``; wandb: a
+``wandb.Table``).
 """
 
 from __future__ import annotations
