@@ -113,3 +113,39 @@ def test_every_evaluation_reports_diagnostics(tiny, tmp_path):
     rating = evaluate(model, processor, ir, "imagereward", SCALE, cfg, max_new_tokens=6, progress=False)
     assert rating["diagnostics"]["calibration"]["basis"] == "soft rating vs the human rating"
     assert 0.0 <= rating["diagnostics"]["ece"] <= 1.0 and "position_consistency" not in rating["diagnostics"]
+
+
+def test_judge_diagnostics_from_group_results_by_hand():
+    """Two rating rollouts of two images with human ratings 2 and 6, then the same without ratings
+    (ImageReward's test.json has none), then one pair asked one way only."""
+    import torch
+
+    from data.types import EvalGroup, ImageRef
+    from eval.diagnostics import judge_diagnostics
+    from eval.score import GroupResult, Judgement
+
+    def judgement(soft, hard, ok, choice):
+        empty = torch.zeros(len(soft), 1)
+        return Judgement(["…"] * len(soft), soft, hard, ok, [not o for o in ok], empty, empty, choice)
+
+    images = (ImageRef("a.png"), ImageRef("b.png"))
+    rated = EvalGroup("g", "p", images, (2.0, 1.0), (2.0, 6.0))
+    result = GroupResult("g", "p", 2, None, [(0,), (1,)],
+                         [judgement([2.0, 3.0], [2.0, 0.0], [True, False], [2.0, 3.0]),
+                          judgement([6.0, 6.0], [5.0, 6.0], [True, True], [6.0, 6.0])])  # fmt: skip
+    d = judge_diagnostics([result], [(rated, [0, 1])], "rating", SCALE)
+    # bins of width 0.6 on 1–7: soft 2.0 → human 2 (0 off); 3.0 → 2 (1 off); 6.0, 6.0 → 6 (0 off):
+    # ECE = (1/4 · 1) / 6 = 1/24
+    assert d["ece"] == pytest.approx(1 / 24) and d["calibration"]["n"] == 4
+    assert d["parse_failure_rate"] == 0.25
+    assert d["hard_soft_disagreement"] == pytest.approx(1 / 3)  # wrote 5 where the argmax was 6
+    unrated = EvalGroup("g", "p", images, (2.0, 1.0))
+    d = judge_diagnostics([result], [(unrated, [0, 1])], "rating", SCALE)
+    assert d["ece"] is None and d["calibration"]["basis"] == "no human ratings in this set"
+
+    pair = GroupResult("h", "p", 2, 0, [(0, 1)], [judgement([0.9], [1.0], [True], [1.0])])
+    d = judge_diagnostics([pair], [(unrated, [0, 1])], "pair", (0, 1))
+    assert d["position_consistency"] is None, "asked one way only and no swap check"
+    assert d["ece"] == pytest.approx(0.1), "p(second better) 0.9; people ranked the second first: 1"
+    d = judge_diagnostics([pair], [(unrated, [0, 1])], "pair", (0, 1), swapped=([0.9], [0.9]))
+    assert d["position_consistency"]["inconsistency"] == pytest.approx(0.8)
