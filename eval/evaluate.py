@@ -304,7 +304,7 @@ def diagnostics_line(d: dict) -> str:
              f"hard ≠ soft choice {num(d['hard_soft_disagreement'])}"]  # fmt: skip
     if "position_consistency" in d:
         pc = d["position_consistency"]
-        parts.append("position: not measured (eval.swap_groups=0)" if pc is None else
+        parts.append("position consistency not measured" if pc is None else
                      f"position inconsistency {pc['inconsistency']:.3f}, flips {pc['flip_rate']:.3f}, "
                      f"second-slot bias {pc['second_slot_bias']:+.3f} over {pc['n_pairs']} pairs")  # fmt: skip
     return "Diagnostics: " + "; ".join(parts) + "."
