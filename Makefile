@@ -3,6 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 BENCH   := .venv/.bench-installed
 SERVE   := .venv/.serve-installed
+WATCH   := .venv/.watch-installed
 RUNS    := runs
 MODEL   ?= Qwen/Qwen2.5-VL-7B-Instruct
 DATA    ?=
@@ -37,7 +38,18 @@ $(SERVE): $(STAMP)
 	@! $(PY) -c "import torchvision" 2>/dev/null || (echo "torchvision must not be installed beside torch 2.13.0 (see docs/facts.md)"; exit 1)
 	touch $(SERVE)
 
-test: $(STAMP) $(BENCH) $(SERVE)  ## run the whole test suite (CPU, offline); the fast part alone: .venv/bin/python -m pytest -m "not slow"
+# The wandb and browser extras, and a headless Chromium from the npm package @sparticuz/chromium
+# (it needs no system libraries) under .venv/node: tests/test_tracking.py reads a wandb offline run,
+# tests/test_report_html.py opens report.html in that browser. Without node/npm the browser test skips.
+$(WATCH): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[wandb,browser]"
+	@! $(PY) -c "import torchvision" 2>/dev/null || (echo "torchvision must not be installed beside torch 2.13.0 (see docs/facts.md)"; exit 1)
+	@if command -v npm >/dev/null; then npm install --silent --no-audit --no-fund --prefix .venv/node @sparticuz/chromium@153.0.0 \
+		|| echo "npm could not install @sparticuz/chromium: the browser test will skip"; \
+	else echo "no npm: the browser test will skip"; fi
+	touch $(WATCH)
+
+test: $(STAMP) $(BENCH) $(SERVE) $(WATCH)  ## run the whole test suite (CPU, offline); the fast part alone: .venv/bin/python -m pytest -m "not slow"
 	$(PY) -m pytest -q
 
 lint: $(STAMP)  ## ruff lint and format check

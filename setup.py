@@ -28,6 +28,7 @@ setup(
         "pyarrow",
         "tqdm",
         "pyyaml",
+        "tensorboard",
     ],
     extras_require={
         "bench": ["trl==1.16.0"],
@@ -37,5 +38,7 @@ setup(
             "httpx==0.28.1",
             "openai==3.51.0",
         ],  # the real clients tests/test_serve*.py call it with
+        "wandb": ["wandb==0.31.0"],  # train.report_to=wandb
+        "browser": ["playwright==1.65.2"],  # tests/test_report_html.py drives a real Chromium with it
     },
 )

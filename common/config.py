@@ -10,6 +10,7 @@ written next to every run and checkpoint (``config.yaml``).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -179,6 +180,14 @@ class TrainConfig:
     """auto (the newest checkpoint in output_dir, if any) | a checkpoint folder | empty."""
     log_completions: int = 4
     """Sample completions written to completions.jsonl per step."""
+    report_to: list[str] = field(default_factory=list)
+    """Where the run is watched live (``grpo.run.tracking``, docs/monitoring.md): any of tensorboard
+    (event files under output_dir/tensorboard) and wandb (the optional ``wandb`` extra; offline with
+    WANDB_MODE=offline, project from WANDB_PROJECT), or none. Empty or none: metrics.jsonl only.
+    A comma list on the command line: ``train.report_to=tensorboard,wandb``."""
+    samples_every: int = 50
+    """Send a table of the step's first log_completions completions (prompt, image thumbnails,
+    completion, reward, advantage) to the trackers every N steps; 0 = never."""
 
 
 @dataclass
@@ -204,6 +213,10 @@ class EvalConfig:
     """Seed of the evaluation rollouts and the anchor choice."""
     batch_size: int = 16
     """Prompts (rating) or comparisons (anchor) per generate call."""
+    swap_groups: int = 16
+    """Pairwise methods: the comparisons of the first N groups are also asked with the images
+    swapped (one rollout each) to measure position consistency (eval.diagnostics); 0 = never.
+    A debiased run (--debias) asks every comparison both ways and needs no extra pass."""
 
 
 @dataclass
@@ -251,6 +264,12 @@ class Config:
             f"model.dtype: float32 or bfloat16, not {self.model.dtype!r}",
         )
         _check(t.strategy in ("ddp", "fsdp"), f"train.strategy: ddp or fsdp, not {t.strategy!r}")
+        unknown = set(t.report_to) - {"tensorboard", "wandb", "none"}
+        _check(not unknown, f"train.report_to: tensorboard, wandb or none, not {sorted(unknown)}")
+        _check(
+            "wandb" not in t.report_to or importlib.util.find_spec("wandb") is not None,
+            "train.report_to=wandb needs the wandb package: pip install -e '.[wandb]'",
+        )
         _check(self.eval.method in ("auto", "rating", "anchor"), f"unknown eval.method {self.eval.method!r}")
         _check(0 < self.data.pair_fraction <= 1, "data.pair_fraction must be in (0, 1]")
         _check(
@@ -325,6 +344,15 @@ def _coerce(value, hint, name: str):
             raise ConfigError(f"{name} must be a mapping, got {value!r}")
         _, vtype = typing.get_args(hint)
         return {str(k): _coerce(v, vtype, f"{name}.{k}") for k, v in value.items()}
+    if origin is list:  # a YAML list, or a comma list from the command line
+        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        (itype,) = typing.get_args(hint)
+        return [
+            _coerce(v.strip() if isinstance(v, str) else v, itype, f"{name}[{i}]")
+            for i, v in enumerate(items)
+        ]
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{name}: union types are not supported in configs")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):

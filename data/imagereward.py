@@ -142,10 +142,12 @@ def _has_hf_layout(root: Path, split: str) -> bool:
 def _hf_groups(
     root: Path, split: str, skipped: Counter, rating_field: str, rating_values: tuple[int, ...]
 ) -> list[EvalGroup]:
-    """Group the per-image rows by ``prompt_id``, in order of first appearance."""
-    by_prompt: dict[str, tuple[str, list[ImageRef], list[float], list[str]]] = {}
+    """Group the per-image rows by ``prompt_id``, in order of first appearance; with a rating scale,
+    each image's human rating too (``EvalGroup.ratings``)."""
+    by_prompt: dict[str, tuple[str, list[ImageRef], list[float], list[str], list[float]]] = {}
+    rated = bool(rating_field and rating_values)
     for where, row, ref in _hf_rows(root, split, None, skipped):
-        if rating_field and rating_values:
+        if rated:
             problem = rating_problem(row.get(rating_field), rating_values)
             if problem is not None:
                 skip_row(skipped, problem, where, f"{rating_field} {row.get(rating_field)!r}")
@@ -155,14 +157,17 @@ def _hf_groups(
             skip_row(skipped, "malformed row", where, f"a positive integer rank and a prompt_id are required, "
                      f"got rank {row.get('rank')!r}")  # fmt: skip
             continue
-        _, refs, ranks, wheres = by_prompt.setdefault(prompt_id, (row["prompt"], [], [], []))
+        _, refs, ranks, wheres, ratings = by_prompt.setdefault(prompt_id, (row["prompt"], [], [], [], []))
         if ref in refs:
             skip_row(skipped, "duplicate row", where, f"same image as {wheres[refs.index(ref)]}")
             continue
         refs.append(ref)
         ranks.append(float(rank))
         wheres.append(where)
-    return [EvalGroup(pid, p, tuple(refs), tuple(ranks)) for pid, (p, refs, ranks, _) in by_prompt.items()]
+        if rated:
+            ratings.append(float(row[rating_field]))
+    return [EvalGroup(pid, p, tuple(refs), tuple(ranks), tuple(ratings)) for pid, (p, refs, ranks, _, ratings)
+            in by_prompt.items()]  # fmt: skip
 
 
 def _hf_rows(root: Path, split: str, subset: str | None, skipped: Counter) -> list[Row]:

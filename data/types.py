@@ -60,9 +60,11 @@ class TrainSample:
 
 @dataclass(frozen=True)
 class EvalGroup:
-    """All images generated for one prompt, with human rank levels (1 = best, ties allowed)."""
+    """All images generated for one prompt, with human rank levels (1 = best, ties allowed) and,
+    where the dataset has them (ImageRewardDB's own layout), the human ratings (else empty)."""
 
     group_id: str
     prompt: str
     images: tuple[ImageRef, ...]
     ranks: tuple[float, ...]
+    ratings: tuple[float, ...] = ()

@@ -28,8 +28,9 @@ Choices made here:
   the same scores, and the caller's RNG stream (e.g. the train loop's) is left untouched.
 
 Writes ``report.json``, ``predictions.jsonl`` (per prompt: the images, human ranks, anchor,
-every image score, and each request's image indices, rollout texts and per-rollout scores) and
-``summary.md`` (a markdown table) into ``--out`` (default
+every image score, and each request's image indices, rollout texts and per-rollout scores),
+``summary.md`` (a markdown table) and ``report.html`` (the page to read: tables, diagnostics, and
+every prompt's images as thumbnails, ranked, with scores and reasoning) into ``--out`` (default
 ``runs/eval/<model folder>-<kind>-<split>-<method>-k<k>``). The report's keys:
 
 - ``metrics[score][protocol]`` for score in soft@1, hard@1 (+ soft@k, hard@k) and protocol in
@@ -40,7 +41,11 @@ every image score, and each request's image indices, rollout texts and per-rollo
   ``pairs``, ``human_ties``, ``skipped`` (reason → count), ``n_skipped``, ``skipped_reading``;
 - ``format_rate`` (well-formed rollouts), ``fallback_rate`` (soft scores read after an appended
   answer prefix), ``soft_spread``, ``soft_spread_group`` (mean per-prompt std), ``wall_s``,
-  ``images_per_s``.
+  ``images_per_s``;
+- ``diagnostics`` (``eval.diagnostics``): ``ece`` and its reliability ``calibration`` bins,
+  ``parse_failure_rate``, ``hard_soft_disagreement`` and, for pairwise methods,
+  ``position_consistency`` (from the debiased requests, or from asking the first
+  ``eval.swap_groups`` groups' comparisons again with the images swapped).
 """
 
 from __future__ import annotations
@@ -61,7 +66,9 @@ from common.errors import DataError, user_errors_exit
 from data.images import BadImageError
 from data.read import EVAL_HELP, read_eval_set
 from data.types import EvalGroup
+from eval.diagnostics import judge_diagnostics
 from eval.metrics import count_pairs, hpsv2_accuracy, imagereward_accuracy, pairwise_accuracy
+from eval.report_html import evaluation_page
 from eval.scale import parse_scale, rating_scale
 
 # torch, transformers and the scoring code (eval.score) are imported where they are used, so that
@@ -110,6 +117,7 @@ def evaluate(
     label: str = "",
     model_name: str = "",
     read_skipped: Counter | None = None,
+    position_check: bool = True,
 ) -> dict:
     """Score every group and return the report (see the module docstring); write files to ``out_dir``.
 
@@ -118,8 +126,9 @@ def evaluate(
     both orders. ``cfg.max_groups`` keeps the first N groups. ``label`` and ``model_name`` name
     the model in the report; ``read_skipped`` (the reader's skip counts) is copied into it as
     ``skipped_reading``. The model's train/eval mode and the global RNG state are restored.
+    ``position_check`` off skips the swap check of pairwise methods (``cfg.swap_groups``).
     """
-    from eval.score import ScoringSpec, score_groups, seeded
+    from eval.score import ScoringSpec, score_groups, seeded, swapped_answers
 
     t0 = time.perf_counter()
     if kind not in DEFAULT_METHOD:
@@ -155,7 +164,7 @@ def evaluate(
             kept.append((g, keep))
             yield g.group_id, g.prompt, images
 
-    results = []
+    results, swapped = [], None
     was_training = model.training
     model.eval()
     try:
@@ -163,12 +172,18 @@ def evaluate(
             for result in score_groups(model, processor, loaded(), spec):
                 results.append(result)
                 bar.update(1)
+        if spec.task == "pair" and not debias and position_check and cfg.swap_groups > 0:
+            n = cfg.swap_groups
+            check = [(r, [g.images[i].load() for i in keep]) for r, (g, keep) in zip(results[:n], kept[:n])]
+            with seeded(cfg.seed + 1):  # after the scores: they are the same with or without it
+                swapped = swapped_answers(model, processor, check, spec)
     finally:
         model.train(was_training)
         bar.close()
     if not results:
         raise DataError(f"no group could be evaluated: skipped {dict(skipped)}")
     report = build_report(results, kept, spec, kind, time.perf_counter() - t0, skipped, len(groups))
+    report["diagnostics"] = judge_diagnostics(results, kept, spec.task, spec.values, swapped)
     report.update(label=label or model_name, model=model_name, skipped_reading=dict(read_skipped or {}))
     if out_dir is not None:
         write_outputs(Path(out_dir), report, results, kept)
@@ -216,7 +231,8 @@ def build_report(results, kept, spec, kind: str, wall_s: float, skipped: Counter
 
 
 def write_outputs(out: Path, report: dict, results: list, kept) -> None:
-    """``report.json``, ``predictions.jsonl`` (one line per prompt) and ``summary.md``."""
+    """``report.json``, ``predictions.jsonl`` (one line per prompt), ``summary.md`` and ``report.html``
+    (``eval.report_html``: the page a person reads, with thumbnails and the reasoning)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(out / "predictions.jsonl", "w") as fh:
@@ -236,12 +252,14 @@ def write_outputs(out: Path, report: dict, results: list, kept) -> None:
                         "hard": j.hard,
                         "well_formed": j.well_formed,
                         "fallback": j.fallback,
+                        "choice": j.choice,
                     }
                     for idx, j in zip(r.requests, r.judgements)
                 ],
             }
             fh.write(json.dumps(row) + "\n")
     (out / "summary.md").write_text(summary_markdown(report))
+    (out / "report.html").write_text(evaluation_page(report, results, kept))
 
 
 def summary_markdown(report: dict) -> str:
@@ -270,7 +288,26 @@ def summary_markdown(report: dict) -> str:
         "",
         f"Accuracies in %. The official protocol for {report['kind']} is `{report['primary_metric']}`.",
     ]
+    if "diagnostics" in report:
+        lines += ["", diagnostics_line(report["diagnostics"])]
     return "\n".join(lines) + "\n"
+
+
+def diagnostics_line(d: dict) -> str:
+    """The judge diagnostics in one line (docs/monitoring.md)."""
+
+    def num(x):
+        return "—" if x is None else f"{x:.3f}"
+
+    parts = [f"ECE {num(d['ece'])} ({d['calibration']['basis']}, n = {d['calibration']['n']})",
+             f"parse failures {num(d['parse_failure_rate'])}",
+             f"hard ≠ soft choice {num(d['hard_soft_disagreement'])}"]  # fmt: skip
+    if "position_consistency" in d:
+        pc = d["position_consistency"]
+        parts.append("position consistency not measured" if pc is None else
+                     f"position inconsistency {pc['inconsistency']:.3f}, flips {pc['flip_rate']:.3f}, "
+                     f"second-slot bias {pc['second_slot_bias']:+.3f} over {pc['n_pairs']} pairs")  # fmt: skip
+    return "Diagnostics: " + "; ".join(parts) + "."
 
 
 # ----------------------------------------------------------------------------------- the CLI
@@ -368,7 +405,9 @@ def run(args, parser) -> None:
              method=method, debias=args.debias, label=args.label or Path(name).name, model_name=name,
              read_skipped=read_skipped)  # fmt: skip
     print((out / "summary.md").read_text())
-    print(f"wrote {out / 'report.json'}, {out / 'predictions.jsonl'}, {out / 'summary.md'}")
+    print(
+        f"wrote {out / 'report.json'}, {out / 'predictions.jsonl'}, {out / 'summary.md'}, {out / 'report.html'}"
+    )
 
 
 if __name__ == "__main__":

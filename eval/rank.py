@@ -5,7 +5,8 @@
 
 Prints a table (rank, soft score, hard score, file, the start of the reasoning) best first; an
 argument that is a folder stands for every image file in it. ``--json OUT`` also writes every
-rollout's full text. An image that cannot be decoded is skipped with a one-line message; a file
+rollout's full text, ``--html OUT`` a self-contained page (thumbnails best first, scores, the
+reasoning collapsed). An image that cannot be decoded is skipped with a one-line message; a file
 given twice (by two names, or also through its folder) is ranked once, and the command says so.
 The rating scale is the one the checkpoint was trained on (its ``task.json``) unless ``--scale``
 says otherwise; a model folder that is missing or damaged, a prompt that is not valid text or
@@ -40,6 +41,7 @@ from data.imagereward import RATING_SCALE
 from data.images import BadImageError, normalize_image
 from data.sets import prompt_problem
 from data.types import ImageRef
+from eval.report_html import cards_of, page
 from eval.scale import checkpoint_method, parse_scale, rating_scale
 from eval.score import METHODS, GroupResult, ScoringSpec, image_reasoning, score_groups, seeded
 from models.qwen_vl import (
@@ -245,6 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json", help="also write the scores and every rollout's text to this file")
     parser.add_argument(
+        "--html", help="also write a self-contained page (thumbnails, scores, reasoning) to this file"
+    )
+    parser.add_argument(
         "--max-prompt-tokens", type=int, default=512, help="refuse longer prompts (0 = no limit)"
     )
     args = parser.parse_args(argv)
@@ -323,6 +328,12 @@ def run(args, parser) -> None:
         }  # fmt: skip
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}")
+    if args.html:
+        facts = [("model", args.model), ("method", args.method + (" (position-debiased)" if args.debias else "")),
+                 ("rollouts per question (k)", str(args.k)), ("seed", str(args.seed))]  # fmt: skip
+        cards = cards_of(result, args.k, images, [Path(n).name for n in names])
+        Path(args.html).write_text(page(f"Ranking: {args.prompt}", facts, [("", args.prompt, cards)]))
+        print(f"wrote {args.html}")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ from eval.pairwise import (
 from models.kv_cache import kv_cache_available
 from models.qwen_vl import build_inputs, render_prompt, repeat_inputs
 from models.sampling import draw_tokens, draw_tokens_per_row, sample_completions, sample_shared_first_image
-from models.soft_head import soft_scores
+from models.soft_head import answer_choice, answer_logits, answer_score
 
 METHODS = ("rating", "anchor", "round-robin")
 NO_PAIR_ANSWER = 0.5  # hard score of a comparison without a well-formed answer: no preference
@@ -167,6 +167,7 @@ class Judgement:
     fallback: list[bool]  # the soft score needed the appended answer prefix
     ids_kT: torch.Tensor  # (k, T) completion tokens, right padded
     mask_kT: torch.Tensor  # (k, T)
+    choice: list[float] = field(default_factory=list)  # the soft distribution's most probable answer
 
     def mean(self, which: str, k: int) -> float:
         """Mean@k: the mean ``soft`` or ``hard`` score of the first k rollouts."""
@@ -200,15 +201,23 @@ def encode_requests(
 def score_completions(
     model, processor, inputs_N: dict, ids_NT: torch.Tensor, mask_NT: torch.Tensor, texts: list[str],
     task: str, values: tuple[int, ...],
-) -> tuple[list[float], list[float], list[bool], list[bool]]:  # fmt: skip
+) -> tuple[list[float], list[float], list[bool], list[bool], list[float]]:  # fmt: skip
     """Soft and hard scores of given completions; ``inputs_N`` holds one prompt row per completion.
 
-    Returns ``(soft_N, hard_N, well_formed_N, fallback_N)`` as lists. Separate from sampling so
-    that fixed completions can be re-scored (the tests compare batched and one-at-a-time scores).
+    Returns ``(soft_N, hard_N, well_formed_N, fallback_N, choice_N)`` as lists, ``choice_N`` the
+    most probable answer of the distribution the soft score averages over. Separate from sampling
+    so that fixed completions can be re-scored (the tests compare batched and one-at-a-time scores).
     """
-    soft_N, fallback_N = soft_scores(model, processor, inputs_N, ids_NT, mask_NT, texts, values)
+    logits_NA, fallback_N = answer_logits(model, processor, inputs_N, ids_NT, mask_NT, texts, values)
+    soft_N = answer_score(logits_NA, list(range(len(values))), values)
     hard_N, well_formed_N = hard_scores(texts, task, values)
-    return soft_N.tolist(), hard_N, well_formed_N, fallback_N.tolist()
+    return (
+        soft_N.tolist(),
+        hard_N,
+        well_formed_N,
+        fallback_N.tolist(),
+        answer_choice(logits_NA, values).tolist(),
+    )
 
 
 @torch.no_grad()
@@ -249,14 +258,14 @@ def judge(
         comp = sample_completions(model, processor, inputs, k, s.max_new_tokens, s.temperature,
                                   share_prefix=s.share_prefix and cached, draw=draw)  # fmt: skip
     inputs_N = repeat_inputs(inputs, k)  # row n is request n // k
-    soft, hard, ok, fb = score_completions(
+    soft, hard, ok, fb, choice = score_completions(
         model, processor, inputs_N, comp.ids_NT, comp.mask_NT, comp.texts, task, values
     )
     out = []
     for b in range(len(requests)):
         rows = slice(b * k, (b + 1) * k)
         out.append(Judgement(comp.texts[rows], soft[rows], hard[rows], ok[rows], fb[rows],
-                             comp.ids_NT[rows].cpu(), comp.mask_NT[rows].cpu()))  # fmt: skip
+                             comp.ids_NT[rows].cpu(), comp.mask_NT[rows].cpu(), choice[rows]))  # fmt: skip
     return out
 
 
@@ -365,3 +374,19 @@ def score_groups(
         run(pending)
     yield from finished()
     assert not queue, "every group is finished once every request is judged"
+
+
+def swapped_answers(model, processor, groups, spec: ScoringSpec) -> tuple[list[float], list[float]]:
+    """Ask every comparison ``(a, b)`` of the given ``(GroupResult, images)`` again as ``(b, a)``, one
+    rollout each: returns ``(p_ab, p_ba)``, the first rollout's soft answer in each order, for
+    ``eval.diagnostics.position_consistency``. Seed torch first (``seeded``)."""
+    p_ab, requests = [], []
+    for result, images in groups:
+        for (a, b), j in zip(result.requests, result.judgements):
+            p_ab.append(j.soft[0])
+            requests.append(Request("pair", result.prompt, [images[b], images[a]]))
+    p_ba = []
+    for start in range(0, len(requests), spec.batch_size):
+        batch = requests[start : start + spec.batch_size]
+        p_ba += [j.soft[0] for j in judge(model, processor, batch, (), 1, spec.sampling)]
+    return p_ab, p_ba

@@ -111,8 +111,12 @@ def summary(report: dict, out: Path) -> str:
              for name, kind in (("ratings", "imagereward"), ("pairs", "hpdv2"))
              for stage in ("zero-shot", "trained")]  # fmt: skip
     rows = [(label, json.loads(path.read_text())) for label, path in evals if path.exists()]
+    pages = [f"[{label}]({path.parent.relative_to(out) / 'report.html'})" for label, path in evals
+             if (path.parent / "report.html").exists()]  # fmt: skip
     parts = [f"# Demo: GRPO on the tiny Qwen2.5-VL, synthetic data (seed {report['seed']})", "",
              table1(rows, None), "", table2(rows, None), ""]  # fmt: skip
+    if pages:  # each evaluation's page: images ranked, scores, reasoning, diagnostics
+        parts += ["Evaluation pages: " + ", ".join(pages) + ".", ""]
     if "hpsv2" in report:
         hp = report["hpsv2"]
         parts += [

@@ -148,7 +148,8 @@ def grpo_loss(
 
     Returns the scalar loss and detached float stats: ``loss``, ``kl`` (token mean over real
     tokens; 0.0 when ref_logp is None), ``clip_frac`` (fraction of real tokens where the clipped
-    branch is active), ``ratio_mean``, ``ratio_min``, ``ratio_max`` (over real tokens; 1.0 when
+    branch is active) and its sides ``clip_frac_low`` (ρ < 1 − ε, A < 0) and ``clip_frac_high``
+    (ρ > 1 + ε, A > 0), ``ratio_mean``, ``ratio_min``, ``ratio_max`` (over real tokens; 1.0 when
     the batch has no real token).
     """
     if kl_estimator not in KL_ESTIMATORS:
@@ -191,6 +192,13 @@ def grpo_loss(
             "loss": float(loss),
             "kl": float(token_mean(kl_NT, mask_NT)) if kl_NT is not None else 0.0,
             "clip_frac": float(token_mean(clip_active(ratio_NT, adv_N, clip_eps).to(logp.dtype), mask_NT)),
+            # its two sides, TRL's clip_ratio/low_mean and clip_ratio/high_mean (clip_frac = low + high)
+            "clip_frac_low": float(
+                token_mean(((ratio_NT < 1 - clip_eps) & (adv_N[:, None] < 0)).float(), mask_NT)
+            ),
+            "clip_frac_high": float(
+                token_mean(((ratio_NT > 1 + clip_eps) & (adv_N[:, None] > 0)).float(), mask_NT)
+            ),
             "ratio_mean": float(ratio_real.mean()) if n_tokens else 1.0,
             "ratio_min": float(ratio_real.min()) if n_tokens else 1.0,
             "ratio_max": float(ratio_real.max()) if n_tokens else 1.0,

@@ -31,9 +31,8 @@ import argparse
 import math
 import os
 import sys
-import time
 from collections import Counter, defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -70,6 +69,7 @@ from grpo.run.sharded_checkpoint import (
     save_sharded_checkpoint,
 )
 from grpo.run.stream import SampleStream, check_data_folder, drop_prompts_too_long, next_batch
+from grpo.run.tracking import Tracker, flatten, peak_memory, timed
 from models.logprobs import completion_logprobs
 from models.qwen_vl import unwrap
 from models.sampling import sample_completions
@@ -88,13 +88,6 @@ def lr_at(step: int, peak: float, warmup: int, total: int, schedule: str) -> flo
     if schedule == "linear":
         return peak * max(0.0, 1 - progress)
     return peak
-
-
-@contextmanager
-def timed(timings: dict, key: str):
-    start = time.perf_counter()
-    yield
-    timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
 
 
 def to_device(batch: dict, device) -> dict:
@@ -164,6 +157,7 @@ def grpo_step(
         "adv_std": float(buf.advantages_N.std()),
         "adv_abs_max": float(buf.advantages_N.abs().max()),
         "completion_len_mean": float(lengths.mean()),
+        "completion_len_min": float(lengths.min()),
         "completion_len_max": float(lengths.max()),
         "frac_truncated": float(buf.truncated_N.float().mean()),
         **{f"time/{k}": v for k, v in t.items()},
@@ -177,7 +171,7 @@ def update_pass(model, optimizer, buf: RolloutBuffer, cfg: Config, device) -> di
     g = cfg.grpo
     optimizer.zero_grad(set_to_none=True)
     minibatches = list(buf.minibatches(g.minibatch_size))
-    sums, lo, hi = defaultdict(float), math.inf, -math.inf
+    sums, lo, hi, n_tokens = defaultdict(float), math.inf, -math.inf, 0
     answer_nll = []  # −log π of each sampled answer token: their mean estimates the answer's entropy
     for i, mb in enumerate(minibatches):
         last = i == len(minibatches) - 1
@@ -191,7 +185,9 @@ def update_pass(model, optimizer, buf: RolloutBuffer, cfg: Config, device) -> di
                                     g.clip_eps, g.kl_coef, g.kl_estimator, g.loss_agg)  # fmt: skip
             (loss * weight).backward()
         answer_nll.append(-buf.answer_logprobs(mb.rows, logp_NT.detach()))
-        for key in ("loss", "kl", "clip_frac", "ratio_mean"):
+        sums["entropy"] -= float(logp_NT.detach().sum())  # 0 on padding; / n_tokens below
+        n_tokens += int(mb.mask_NT.sum())
+        for key in ("loss", "kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean"):
             sums[key] += stats[key] * weight
         lo, hi = min(lo, stats["ratio_min"]), max(hi, stats["ratio_max"])
     params = [p for p in model.parameters() if p.requires_grad]
@@ -199,6 +195,7 @@ def update_pass(model, optimizer, buf: RolloutBuffer, cfg: Config, device) -> di
     optimizer.step()
     answer_nll = torch.cat(answer_nll)
     answer = {"answer_entropy": float(answer_nll.mean())} if answer_nll.numel() else {}
+    sums["entropy"] /= max(n_tokens, 1)  # mean −log π of the sampled tokens: an estimate of the entropy
     return {**sums, "ratio_min": lo, "ratio_max": hi, "grad_norm": grad_norm, **answer}
 
 
@@ -252,6 +249,7 @@ def train(cfg: Config) -> Path:
         save_config(cfg, out / "config.yaml")
         print(f"training on {len(train_set.samples)} samples ({cfg.data.kind}, skipped {dict(train_set.skipped)}), "
               f"{world} process(es), device {device}, from step {start}", file=sys.stderr)  # fmt: skip
+    tracker = Tracker(cfg, out, start, enabled=rank == 0)  # train.report_to: TensorBoard, wandb
     skipped = Counter()
     bar = tqdm(
         range(start, cfg.train.steps), initial=start, total=cfg.train.steps, disable=rank != 0, desc="grpo"
@@ -264,7 +262,7 @@ def train(cfg: Config) -> Path:
         buf, metrics = grpo_step(policy, train_model, reference, processor, optimizer, samples, images,
                                  train_set.rating_values, cfg, device)  # fmt: skip
         metrics = average_across_ranks({**metrics, "skipped_images": skipped["bad image"]}, world)
-        metrics = {"step": step + 1, "lr": lr, **metrics}
+        metrics = {"step": step + 1, "lr": lr, **metrics, **peak_memory(device)}
         if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.train.steps):
             with autocast(cfg, device):
                 metrics.update(
@@ -272,6 +270,7 @@ def train(cfg: Config) -> Path:
                 )
         if rank == 0:
             log_step(out, metrics, buf, cfg.train.log_completions)
+            tracker.log(step + 1, metrics, buf, images)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}",
                             fmt=f"{metrics.get('reward/format', 0):.2f}", len=f"{metrics['completion_len_mean']:.0f}")  # fmt: skip
         last = step + 1 == cfg.train.steps
@@ -284,6 +283,7 @@ def train(cfg: Config) -> Path:
             elif rank == 0:
                 save_checkpoint(out, step + 1, policy, processor, optimizer, rank_states, cfg,
                                 cfg.train.keep_last, cfg.train.save_merged, task)  # fmt: skip
+    tracker.close()
     if world > 1:
         dist.barrier()
     return out / f"checkpoint-{cfg.train.steps:06d}"
@@ -309,20 +309,10 @@ def run_eval(policy, processor, groups, rating_values, cfg: Config, rank: int, w
             device = next(policy.parameters()).device
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 report = evaluate(unwrap(policy), processor, groups, cfg.data.kind, rating_values, cfg.eval,
-                                  cfg.eval_max_new_tokens, progress=False)  # fmt: skip
+                                  cfg.eval_max_new_tokens, progress=False, position_check=False)  # fmt: skip
         if world > 1:
             dist.barrier()
     return {f"eval/{k}": v for k, v in flatten(report).items() if isinstance(v, (int, float))}
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:

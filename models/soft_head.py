@@ -50,6 +50,13 @@ def answer_score(logits: torch.Tensor, answer_ids: list[int], answer_values: tup
     return expected_rating(logits, answer_ids, answer_values)
 
 
+def answer_choice(answer_logits_NA: torch.Tensor, answer_values: tuple[int, ...]) -> torch.Tensor:
+    """The most probable valid answer (the argmax of the distribution the soft score averages over),
+    from the logits of the answer tokens only ``(N, A)`` → ``(N,)``; a tie takes the first value."""
+    values = torch.as_tensor(answer_values, dtype=torch.float32, device=answer_logits_NA.device)
+    return values[answer_logits_NA.argmax(dim=-1)]
+
+
 def answer_token_index(token_texts: list[str], answer: int) -> int | None:
     """Index of the token that holds ``answer`` right after ``<answer>``, or None.
 
@@ -116,7 +123,6 @@ def answer_positions(tokenizer, ids_NT: torch.Tensor, mask_NT: torch.Tensor, tex
     return pos
 
 
-@torch.no_grad()
 def soft_scores(
     model,
     processor,
@@ -132,6 +138,24 @@ def soft_scores(
     ``p(1 | C)``; for ratings it is ``E[r | C]``. Returns ``(scores_N, fallback_N)`` where
     ``fallback_N`` marks rows that needed the appended answer prefix.
     """
+    logits_NA, fallback_N = answer_logits(model, processor, inputs, ids_NT, mask_NT, texts, answer_values)
+    return answer_score(logits_NA, list(range(len(answer_values))), answer_values), fallback_N
+
+
+@torch.no_grad()
+def answer_logits(
+    model,
+    processor,
+    inputs: dict,
+    ids_NT: torch.Tensor,
+    mask_NT: torch.Tensor,
+    texts: list[str],
+    answer_values: tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of the answer tokens at each completion's answer position, float ``(N, A)`` on the
+    CPU in the order of ``answer_values``, read as ``soft_scores`` reads them (after the appended
+    prefix for a completion without a usable answer); and ``fallback_N``. ``answer_score(logits_NA,
+    range(A), answer_values)`` is the soft score, ``answer_choice`` the most probable answer."""
     tok = processor.tokenizer
     answer_ids = [tok.convert_tokens_to_ids(tok.tokenize(str(v))) for v in answer_values]
     assert all(len(a) == 1 for a in answer_ids), f"every answer must be one token, got {answer_ids}"
@@ -139,21 +163,21 @@ def soft_scores(
 
     N = ids_NT.shape[0]
     pos = answer_positions(tok, ids_NT, mask_NT, texts, answer_values)
-    scores = torch.empty(N)
+    logits_NA = torch.empty(N, len(answer_ids))
     direct = (pos >= 0).nonzero().squeeze(1)
     if direct.numel():
         sub = select_rows(inputs, direct)
         logits = logits_at(model, sub, ids_NT[direct], mask_NT[direct], pos[direct].to(ids_NT.device))
-        scores[direct] = answer_score(logits, answer_ids, answer_values).cpu()
+        logits_NA[direct] = logits[:, answer_ids].cpu()
     fallback = (pos < 0).nonzero().squeeze(1)
     if fallback.numel():
-        scores[fallback] = _fallback_scores(model, tok, select_rows(inputs, fallback), [texts[i] for i in fallback],
-                                            answer_ids, answer_values)  # fmt: skip
-    return scores, pos < 0
+        logits_NA[fallback] = _fallback_logits(model, tok, select_rows(inputs, fallback),
+                                               [texts[i] for i in fallback], answer_ids)  # fmt: skip
+    return logits_NA, pos < 0
 
 
-def _fallback_scores(model, tok, inputs: dict, texts: list[str], answer_ids, answer_values) -> torch.Tensor:
-    """Score rows without a usable answer token: re-tokenize ``fallback_text`` and read its end."""
+def _fallback_logits(model, tok, inputs: dict, texts: list[str], answer_ids) -> torch.Tensor:
+    """Rows without a usable answer token: re-tokenize ``fallback_text``; the answer logits at its end."""
     encoded = [tok.encode(fallback_text(t), add_special_tokens=False) for t in texts]
     T = max(len(e) for e in encoded)
     ids = torch.full((len(texts), T), tok.pad_token_id, dtype=torch.long)
@@ -164,4 +188,4 @@ def _fallback_scores(model, tok, inputs: dict, texts: list[str], answer_ids, ans
     device = inputs["input_ids"].device
     pos = mask.sum(dim=1)  # one past the last real token: the answer would go there
     logits = logits_at(model, inputs, ids.to(device), mask.to(device), pos.to(device))
-    return answer_score(logits, answer_ids, answer_values).cpu()
+    return logits[:, answer_ids].cpu()

@@ -41,9 +41,10 @@ def test_two_ranks_split_the_data_and_equal_one_process(cold_tiny_dir, synthetic
         "experiments/tiny.yaml", f"model.name_or_path={cold_tiny_dir}", f"data.root={synthetic_ir}",
         f"train.output_dir={run}", "train.steps=2", "train.device=cpu", "grpo.group_size=4",
         f"grpo.prompts_per_step={B}", "grpo.max_new_tokens=16", "grpo.minibatch_size=4", "eval.every=0",
-        "train.save_every=0", f"train.log_completions={B * 4}",
+        "train.save_every=0", f"train.log_completions={B * 4}", "train.report_to=tensorboard",
     ]  # fmt: skip
     run_driver(driver_out, [], args)
+    (events,) = (run / "tensorboard").glob("events.out.tfevents.*")  # rank 0 alone logs
 
     # Data: disjoint shares whose union is what one process draws, step by step.
     cfg = load_config(args[0], args[1:])

@@ -90,7 +90,9 @@ def test_sharded_checkpoints_and_bitwise_resume(runs, cold_tiny_dir, synthetic_i
 
     def strip(line):
         return {
-            k: v for k, v in json.loads(line).items() if not k.startswith("time/") and k != "tokens_per_s"
+            k: v
+            for k, v in json.loads(line).items()
+            if not k.startswith(("time/", "memory/")) and k != "tokens_per_s"
         }
 
     again = (resumed / "metrics.jsonl").read_text().splitlines()

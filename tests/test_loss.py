@@ -8,7 +8,16 @@ from torch.testing import assert_close
 
 from grpo.loss import grpo_loss, kl_k1, kl_k3
 
-STAT_KEYS = {"loss", "kl", "clip_frac", "ratio_mean", "ratio_min", "ratio_max"}
+STAT_KEYS = {
+    "loss",
+    "kl",
+    "clip_frac",
+    "clip_frac_low",
+    "clip_frac_high",
+    "ratio_mean",
+    "ratio_min",
+    "ratio_max",
+}
 
 
 def test_k3_kl_hand_computed():
@@ -54,6 +63,8 @@ def test_clip_all_cases_values_and_gradients():
     expected_grad = torch.tensor([-1.1, 0.0, -0.5, 0.9, 0.0, 1.5], dtype=torch.float64)[:, None] / 6
     assert_close(logp.grad, expected_grad)
     assert_close(stats["clip_frac"], 2 / 6)
+    assert_close(stats["clip_frac_high"], 1 / 6)  # row 2: ρ = 1.5 > 1.2 with A = +1
+    assert_close(stats["clip_frac_low"], 1 / 6)  # row 5: ρ = 0.5 < 0.8 with A = −1
     assert_close(stats["ratio_min"], 0.5)
     assert_close(stats["ratio_max"], 1.5)
     assert_close(stats["ratio_mean"], 6.0 / 6)  # (1.1 + 1.5 + 0.5 + 0.9 + 0.5 + 1.5)/6 = 1.0

@@ -145,8 +145,9 @@ def test_anchor_scoring_equals_n_minus_1_separate_pairwise_calls(tiny):
     assert a == choose_anchor(4, 3, "g")
     assert result.requests == [(a, j) for j in range(4) if j != a]  # images in order [anchor, other]
     for (first, second), judgement in zip(result.requests, result.judgements):
-        soft, hard, ok, fb = _rescore_one(model, processor, "pair", [images[first], images[second]],
-                                          judgement, (0, 1))  # fmt: skip
+        soft, hard, ok, fb, choice = _rescore_one(model, processor, "pair", [images[first], images[second]],
+                                                  judgement, (0, 1))  # fmt: skip
+        assert judgement.choice == choice == [float(p > 0.5) for p in soft], "the argmax of (p(0), p(1))"
         torch.testing.assert_close(torch.tensor(judgement.soft), torch.tensor(soft), atol=1e-5, rtol=0)
         assert (judgement.hard, judgement.well_formed, judgement.fallback) == (hard, ok, fb)
         # p(1 | C) = p(the second, non-anchor image is better) is that image's score.

@@ -66,7 +66,7 @@ def test_pair_soft_score_is_p1_of_a_plain_forward(tiny):
         "<think>never closed",
     ]
     ids, mask = _completion_batch(processor, texts)
-    soft, _, _, fallback = score_completions(model, processor, repeat_inputs(inputs, G), ids, mask, texts,
+    soft, _, _, fallback, _ = score_completions(model, processor, repeat_inputs(inputs, G), ids, mask, texts,
                                              "pair", (0, 1))  # fmt: skip
     assert fallback == [False, False, True, True]
     prefixes = [t.split("<answer>")[0] + "<answer>" for t in texts[:2]] + [

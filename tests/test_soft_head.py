@@ -9,7 +9,14 @@ from conftest import solid
 
 from data.prompts import messages_for
 from models.qwen_vl import build_inputs, render_prompt, repeat_inputs, token_ids
-from models.soft_head import answer_token_index, expected_rating, fallback_text, pair_probability, soft_scores
+from models.soft_head import (
+    answer_choice,
+    answer_token_index,
+    expected_rating,
+    fallback_text,
+    pair_probability,
+    soft_scores,
+)
 
 SCALE = (1, 2, 3, 4, 5, 6, 7)
 
@@ -28,6 +35,13 @@ def test_pair_probability_by_hand():
     logits = torch.tensor([[0.0, math.log(3.0), 7.0]])
     torch.testing.assert_close(pair_probability(logits, 0, 1), torch.tensor([0.75]))
     torch.testing.assert_close(pair_probability(logits, 0, 1), expected_rating(logits, [0, 1], [0, 1]))
+
+
+def test_answer_choice_by_hand():
+    # the argmax of the answer logits, as the answer value; a tie takes the first
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, -1.0, 3.0]])
+    assert answer_choice(logits, (1, 2, 3)).tolist() == [2.0, 1.0]
+    assert answer_choice(torch.tensor([[0.2, 0.1], [0.1, 0.2]]), (0, 1)).tolist() == [0.0, 1.0]
 
 
 def test_answer_token_index():

@@ -151,9 +151,11 @@ def test_resume_is_bitwise_identical(cold_tiny_dir, synthetic_ir, tmp_path, mode
     ma = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     mb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
 
-    def strip(line):  # timings differ between runs; everything else must not
+    def strip(line):  # timings and peak memory differ between runs; everything else must not
         return {
-            k: v for k, v in json.loads(line).items() if not k.startswith("time/") and k != "tokens_per_s"
+            k: v
+            for k, v in json.loads(line).items()
+            if not k.startswith(("time/", "memory/")) and k != "tokens_per_s"
         }
 
     assert [strip(x) for x in ma] == [strip(x) for x in mb]
