@@ -329,7 +329,7 @@ def run(args, parser) -> None:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.html:
-        facts = [("model", args.model), ("method", args.method + (" (position-debiased)" if args.debias else "")),
+        facts = [("model", args.model), ("method", scorer.spec.method + (" (position-debiased)" if args.debias else "")),
                  ("rollouts per question (k)", str(args.k)), ("seed", str(args.seed))]  # fmt: skip
         cards = cards_of(result, args.k, images, [Path(n).name for n in names])
         Path(args.html).write_text(page(f"Ranking: {args.prompt}", facts, [("", args.prompt, cards)]))
