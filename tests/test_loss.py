@@ -8,7 +8,16 @@ from torch.testing import assert_close
 
 from grpo.loss import grpo_loss, kl_k1, kl_k3
 
-STAT_KEYS = {"loss", "kl", "clip_frac", "ratio_mean", "ratio_min", "ratio_max"}
+STAT_KEYS = {
+    "loss",
+    "kl",
+    "clip_frac",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "ratio_mean",
+    "ratio_min",
+    "ratio_max",
+}
 
 
 def test_k3_kl_hand_computed():
