@@ -262,12 +262,8 @@ def plot(results: list[dict], args, path: Path) -> None:
             axes[0, col].fill_between(steps, acc.min(0), acc.max(0), color=f"C{i}", alpha=0.15)
             zero = np.array([r["frac_reward_zero_std_per_step"] for r in rs]).mean(0)  # (steps,)
             w = min(20, len(zero))
-            axes[1, col].plot(
-                np.arange(w, len(zero) + 1),
-                np.convolve(zero, np.ones(w) / w, mode="valid"),
-                color=f"C{i}",
-                label=variant,
-            )
+            smooth = np.convolve(zero, np.ones(w) / w, mode="valid")  # (steps − w + 1,)
+            axes[1, col].plot(np.arange(w, len(zero) + 1), smooth, ".-", color=f"C{i}", label=variant)
         axes[0, col].axhline(TASKS[task][2], color="0.5", ls=":", label="demo target")
         axes[0, col].set(
             title=f"{task}: held-out soft accuracy (mean, min–max over seeds)",
@@ -275,7 +271,7 @@ def plot(results: list[dict], args, path: Path) -> None:
             ylim=(0, 1),
         )
         axes[1, col].set(
-            title=f"{task}: frac_reward_zero_std ({w}-step mean)", xlabel="GRPO step", ylim=(0, 1)
+            title=f"{task}: frac_reward_zero_std ({w}-step mean)", xlabel="GRPO step", ylim=(0, 1.05)
         )
         axes[0, col].legend(fontsize=8)
     fig.tight_layout()
