@@ -5,6 +5,7 @@ configuration keys training on the tiny model."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -361,3 +362,39 @@ def test_every_combination_trains_and_logs_frac_reward_zero_std(
         assert 0.0 <= row["frac_reward_zero_std"] <= 1.0 and math.isfinite(row["loss"]), out.name
         assert {"clip_ratio/low_mean", "clip_ratio/high_mean"} <= set(row)
         assert ("dynamic_sampling/rounds" in row) == ds
+
+
+def test_concat_groups_scores_each_completion_as_its_own_rollout_did(tiny, synthetic_ir, one_thread):
+    """The refilled batch of dynamic sampling re-pads prompts (with their packed images) and
+    completions of two rollouts; every completion's log-probs under the tiny model must be the
+    ones its own rollout gives it (the left padding moves no position). Mutation checked by hand:
+    padding the prompts on the right fails it."""
+    from data.imagereward import read_train
+    from grpo.rollout import buffer_logprobs, encode_samples
+
+    model, processor = tiny
+    ts = read_train(synthetic_ir)
+    g = torch.Generator().manual_seed(0)
+
+    def buffer(samples, T):
+        images = [[r.load() for r in s.images] for s in samples]
+        N = 2 * len(samples)
+        ids = torch.randint(50, 400, (N, T), generator=g)
+        mask = (torch.arange(T)[None, :] < torch.randint(1, T + 1, (N,), generator=g)[:, None]).long()
+        return RolloutBuffer(encode_samples(processor, samples, images, ts.rating_values), 2, ids, mask,
+                             [""] * N, torch.zeros(N, dtype=torch.bool), samples, rewards_N=torch.zeros(N))  # fmt: skip
+
+    longer = [
+        dataclasses.replace(s, prompt=s.prompt + " on a wide field, seen from far away")
+        for s in ts.samples[5:7]
+    ]
+    a, b = buffer(ts.samples[:3], 6), buffer(longer, 4)
+    assert a.inputs["input_ids"].shape[1] < b.inputs["input_ids"].shape[1], "a's prompts get left padding"
+    merged = concat_groups([(a, [0, 2]), (b, [1])], processor.tokenizer.pad_token_id)
+    got = buffer_logprobs(model, merged, 8, 1.0)
+    want_a, want_b = buffer_logprobs(model, a, 8, 1.0), buffer_logprobs(model, b, 8, 1.0)
+    mask = merged.mask_NT.bool()
+    want = torch.zeros_like(got)
+    want[:4, :6] = want_a[[0, 1, 4, 5]]
+    want[4:, :4] = want_b[[2, 3]]
+    assert_close(got[mask], want[mask], atol=1e-5, rtol=1e-5)
