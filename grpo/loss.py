@@ -240,10 +240,10 @@ def grpo_loss(
     # exp() cannot overflow and no NaN gradient can leak through the masked-out tokens.
     old_logp_NT = logp_NT.detach() if old_logp is None else torch.where(mask_NT, old_logp, logp_NT.detach())
 
-    # The next two lines are the clipped policy-gradient term of the GRPO objective.
-    ratio_NT = policy_ratio(logp_NT, old_logp_NT.detach())
-    if importance_sampling_level == "sequence":  # GSPO: one ratio per completion
-        ratio_NT = sequence_ratio(logp_NT, old_logp_NT.detach(), mask_NT)
+    # The next two lines are the clipped policy-gradient term of the GRPO objective (GSPO takes
+    # one ratio per completion instead of one per token).
+    ratio_NT = (policy_ratio(logp_NT, old_logp_NT.detach()) if importance_sampling_level == "token"
+                else sequence_ratio(logp_NT, old_logp_NT.detach(), mask_NT))  # fmt: skip
     surrogate_NT = clipped_surrogate(ratio_NT, adv_N, clip_eps, clip_eps_high)
 
     # The KL penalty; β = 0 skips it entirely (the caller then needs no reference forward).
