@@ -267,6 +267,17 @@ def test_dynamic_sampling_on_flat_rewards_stops_at_its_budget():
     assert buf.texts[0] == "r0-0", "the flat groups first sampled fill the batch"
 
 
+def test_dynamic_sampling_without_flat_groups_is_the_papers_step():
+    first = fake_rollout(torch.tensor([[1.0, 0.0], [0.5, 1.0]]), "a")
+
+    def never(*_):
+        raise AssertionError("no group is flat: nothing may be drawn or sampled")
+
+    buf, sampled, stats = sample_with_spread(first, never, never, 3, pad_id=0)
+    assert buf is first and torch.equal(sampled, first.rewards_N.view(2, 2))
+    assert stats["dynamic_sampling/rounds"] == 0 and stats["dynamic_sampling/extra_rollouts"] == 0
+
+
 def test_dynamic_sampling_replaces_flat_groups_with_fresh_ones():
     G = 2
     first = fake_rollout(torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.5, 0.5]]), "a")  # groups 1 and 2 flat
