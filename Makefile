@@ -52,7 +52,7 @@ demo-robust: $(STAMP)  ## the demo over 10 seeds × perturbations (threads, kern
 demo-full: $(STAMP)  ## make demo, then the stretch run: prompt-conditioned tier, small preset (~36 min)
 	$(PY) experiments/demo.py --out $(RUNS)/demo --stretch
 
-ablate: $(STAMP)  ## each GRPO variant (Dr. GRPO, DAPO, GSPO, bnpo, dynamic sampling) × 3 seeds on the demo's tasks; table in runs/ablate (~1.5 h)
+ablate: $(STAMP)  ## each GRPO variant (Dr. GRPO, DAPO, GSPO, bnpo, dynamic sampling) × 3 seeds on the demo's tasks; table in runs/ablate (~2 h)
 	$(PY) experiments/ablate.py --out $(RUNS)/ablate $(ARGS)
 
 # Real runs (GPU): MODEL=hub id or folder, DATA=dataset folder; extra key=value overrides in ARGS.
