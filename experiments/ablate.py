@@ -22,8 +22,8 @@ ratio π_θ/π_θold is exactly 1, so clip-higher and GSPO's sequence ratio chan
 Writes ``OUT/table.md`` (the markdown table and the comparisons), ``OUT/ablate.json`` (every
 figure), ``OUT/ablate.png`` (held-out accuracy and zero-spread fraction per step, mean over
 seeds) and one folder per task, seed and variant with its ``metrics.jsonl`` and ``result.json``.
-A run whose ``result.json`` exists is not run again (``--fresh`` reruns everything), so an
-interrupted grid continues where it stopped. The full grid is 36 runs of 400 steps (6 variants ×
+A run whose ``result.json`` holds the same settings is not run again (``--fresh`` reruns
+everything), so an interrupted grid continues where it stopped. The full grid is 36 runs of 400 steps (6 variants ×
 3 seeds × 2 tasks), two at a time, after 6 cold starts: measured at 1.7–2.3 s per step (μ = 2)
 while other jobs loaded the same 2 cores (load average 6–8), about 4 h at that load; the demo's
 idle step time puts it near 2 h on 2 idle cores. ``--variants`` and ``--steps`` trim it; it is
@@ -87,7 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--quick", action="store_true", help=f"a few steps of everything ({QUICK}), to prove the pipeline"
     )
-    ap.add_argument("--fresh", action="store_true", help="rerun runs that already have a result.json")
+    ap.add_argument(
+        "--fresh", action="store_true", help="rerun runs that already have a result of the same settings"
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.eval_every, args.budgets, args.prompts = (QUICK[k] for k in ("steps", "eval_every", "budgets", "prompts"))  # fmt: skip
@@ -121,10 +123,17 @@ def prepare(task: str, seed: int, args) -> str:
 
     torch.set_num_threads(args.threads)
     work = args.out / task / f"seed{seed}"
-    cold_dir = work / "cold"
-    if (cold_dir / "cold_start.json").exists() and not args.fresh:
+    cold_dir, stamp = (
+        work / "cold",
+        {"prompts": args.prompts, "cold_seed": args.cold_seed, "quick": args.quick},
+    )
+    if (
+        not args.fresh
+        and (work / "prepared.json").exists()
+        and json.loads((work / "prepared.json").read_text()) == stamp
+    ):
         return str(cold_dir)
-    shutil.rmtree(work / "cold", ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     half = "rating" if task == "rating" else "pairs"
     settings = cold_settings(argparse.Namespace(cold_seed=args.cold_seed), half, neutral_taste_seed(seed))
     if args.quick:
@@ -138,7 +147,9 @@ def prepare(task: str, seed: int, args) -> str:
         write_hpdv2(work / "data", prompts=args.prompts, seed=seed)
         write_hpdv2(work / "held-out", prompts=64, seed=seed, draw_seed=HELD_OUT_DRAW + seed)
         train_set = read_hpdv2_train(work / "data", 1.0)
-    return str(cold_start(str(model), train_set, str(cold_dir), progress=False, **settings))
+    cold_start(str(model), train_set, str(cold_dir), progress=False, **settings)
+    (work / "prepared.json").write_text(json.dumps(stamp) + "\n")  # last: the folder is whole
+    return str(cold_dir)
 
 
 def train_variant(task: str, seed: int, variant: str, cold_dir: str, args) -> dict:
@@ -152,25 +163,31 @@ def train_variant(task: str, seed: int, variant: str, cold_dir: str, args) -> di
     run = work / variant
     shutil.rmtree(run, ignore_errors=True)
     config, kind, _ = TASKS[task]
-    extra = (
-        "train.save_every=0",
-        "train.keep_last=1",
-        f"grpo.ppo_epochs={args.ppo_epochs}",
-        *VARIANTS[variant],
-    )
+    extra = tuple(run_settings(variant, args)["overrides"])
     run_args = argparse.Namespace(seed=seed, eval_every=args.eval_every)
     t0 = time.perf_counter()
     grpo_run(config, Path(cold_dir), work / "data", run, args.steps, run_args,
              held_out=work / "held-out" if task == "pairs" else None, extra=extra)  # fmt: skip
     result = summarise(run / "metrics.jsonl", ACC_KEY[kind], TASKS[task][2])
-    result |= {"task": task, "seed": seed, "variant": variant, "overrides": list(extra),
+    result |= {"task": task, "seed": seed, "variant": variant, "settings": run_settings(variant, args),
                "wall_seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
-    for checkpoint in run.glob(
-        "checkpoint-*"
-    ):  # the figures are in metrics.jsonl; 36 runs of weights are not
+    for checkpoint in run.glob("checkpoint-*"):  # the figures are in metrics.jsonl, no weights are kept
         shutil.rmtree(checkpoint)
     (run / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def run_settings(variant: str, args) -> dict:
+    """What a run's figures depend on besides task and seed: a saved result is reused only when
+    these match (a --quick run never stands in for a full one)."""
+    overrides = [
+        "train.save_every=0",
+        "train.keep_last=1",
+        f"grpo.ppo_epochs={args.ppo_epochs}",
+        *VARIANTS[variant],
+    ]
+    return {"overrides": overrides, "steps": args.steps, "eval_every": args.eval_every, "prompts": args.prompts,
+            "cold_seed": args.cold_seed, "quick": args.quick}  # fmt: skip
 
 
 def summarise(metrics: Path, acc_key: str, target: float) -> dict:
@@ -296,7 +313,11 @@ def main(argv: list[str] | None = None) -> int:
         for (task, seed), cold_dir in cold.items():
             for variant in args.variants:
                 done = args.out / task / f"seed{seed}" / variant / "result.json"
-                if done.exists() and not args.fresh:
+                if (
+                    not args.fresh
+                    and done.exists()
+                    and json.loads(done.read_text())["settings"] == run_settings(variant, args)
+                ):
                     jobs[(task, seed, variant)] = None
                 else:
                     jobs[(task, seed, variant)] = pool.submit(
