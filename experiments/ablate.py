@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def prepare(task: str, seed: int, args) -> str:
     """The tiny model, the synthetic data and the cold start of one task and seed (the demo's);
-    returns the folder of the cold-started model. Cached: skipped when it exists."""
+    returns the folder of the cold-started model. Kept and reused when made with the same settings."""
     import torch
 
     from data.hpdv2 import read_train as read_hpdv2_train
@@ -123,15 +123,9 @@ def prepare(task: str, seed: int, args) -> str:
 
     torch.set_num_threads(args.threads)
     work = args.out / task / f"seed{seed}"
-    cold_dir, stamp = (
-        work / "cold",
-        {"prompts": args.prompts, "cold_seed": args.cold_seed, "quick": args.quick},
-    )
-    if (
-        not args.fresh
-        and (work / "prepared.json").exists()
-        and json.loads((work / "prepared.json").read_text()) == stamp
-    ):
+    cold_dir, stamp_file = work / "cold", work / "prepared.json"
+    stamp = {"prompts": args.prompts, "cold_seed": args.cold_seed, "quick": args.quick}
+    if not args.fresh and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
         return str(cold_dir)
     shutil.rmtree(work, ignore_errors=True)
     half = "rating" if task == "rating" else "pairs"
@@ -148,7 +142,7 @@ def prepare(task: str, seed: int, args) -> str:
         write_hpdv2(work / "held-out", prompts=64, seed=seed, draw_seed=HELD_OUT_DRAW + seed)
         train_set = read_hpdv2_train(work / "data", 1.0)
     cold_start(str(model), train_set, str(cold_dir), progress=False, **settings)
-    (work / "prepared.json").write_text(json.dumps(stamp) + "\n")  # last: the folder is whole
+    stamp_file.write_text(json.dumps(stamp) + "\n")  # last: the folder is whole
     return str(cold_dir)
 
 
