@@ -67,7 +67,7 @@ def group_advantages(rewards_BG: Tensor, eps: float = 1e-4) -> Tensor:
 
 
 def centred_advantages(rewards_BG: Tensor) -> Tensor:
-    """Dr. GRPO (Liu et al., arXiv 2503.20783, §3.1): the group mean subtracted, no division by the std.
+    """Dr. GRPO (Liu et al., arXiv 2503.20783): the group mean subtracted, no division by the std.
 
         A_i = r_i − mean(r_1..r_G)
 
@@ -86,7 +86,7 @@ def batch_scaled_advantages(rewards_BG: Tensor, eps: float = 1e-4) -> Tensor:
         A_i = (r_i − mean(group of i)) / (std(all B·G rewards) + eps)
 
     The group-mean / batch-std combination recommended by Liu et al., "Part I: Tricks or Traps? A
-    Deep Dive into RL for LLM Reasoning" (arXiv 2508.08221, §4.1); TRL's
+    Deep Dive into RL for LLM Reasoning" (arXiv 2508.08221); TRL's
     ``scale_rewards="batch"``. One divisor for the batch keeps the advantages of a nearly unanimous
     group small instead of blowing them up to ±1. σ is the unbiased std over the N = B·G rewards;
     zero-spread groups get exactly 0. With B = 1 it equals ``group_advantages``. Shapes (B, G) → (B, G).

@@ -34,10 +34,10 @@ Variants of the objective since the paper, each a pure function below, chosen by
 
 - **Decoupled clip** (DAPO's "clip-higher", arXiv 2503.14476 §3.1): clip(ρ, 1 − ε_low, 1 + ε_high)
   with ε_high > ε_low; ``clip_eps_high=None`` is the paper's symmetric clip.
-- **Sequence-level ratio** (GSPO, arXiv 2507.18071 §4): one ratio per completion, the geometric
+- **Sequence-level ratio** (GSPO, arXiv 2507.18071): one ratio per completion, the geometric
   mean of its token ratios, clipped per sequence (``sequence_ratio``).
 - **Aggregations**: ``token-mean`` (DAPO, arXiv 2503.14476 §3.3) and ``budget-mean`` (Dr. GRPO,
-  arXiv 2503.20783 §3.1: a constant normaliser, the generation budget, instead of 1/|o_i|).
+  arXiv 2503.20783: a constant normaliser, the generation budget, instead of 1/|o_i|).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def token_mean(x_NT: Tensor, mask_NT: Tensor) -> Tensor:
 
 
 def budget_mean(x_NT: Tensor, mask_NT: Tensor, budget: int) -> Tensor:
-    """Dr. GRPO's constant normaliser (Liu et al., arXiv 2503.20783, §3.1): Σ_it x_it / (N · L).
+    """Dr. GRPO's constant normaliser (Liu et al., arXiv 2503.20783): Σ_it x_it / (N · L).
 
     L is the generation budget (``grpo.max_new_tokens``), the same for every completion, so a long
     wrong answer is not penalised less per token than a short one, as it is under 1/|o_i|. Exact
@@ -117,7 +117,7 @@ def policy_ratio(logp_NT: Tensor, old_logp_NT: Tensor) -> Tensor:
 
 
 def sequence_ratio(logp_NT: Tensor, old_logp_NT: Tensor, mask_NT: Tensor) -> Tensor:
-    """GSPO's sequence-level importance ratio (Zheng et al., arXiv 2507.18071, eq. 7), per completion:
+    """GSPO's sequence-level importance ratio (Zheng et al., arXiv 2507.18071), per completion:
 
         s_i = (π_θ(o_i | q) / π_θold(o_i | q))^(1/|o_i|) = exp(1/|o_i| Σ_t (log π_θ(o_it) − log π_θold(o_it)))
 
@@ -145,7 +145,7 @@ def clipped_surrogate(
     | clip_eps_high | ε_high | float or None (None: ε, the symmetric clip) |
     | returns       | —      | (N, T) |
 
-    DAPO's decoupled clip (arXiv 2503.14476, eq. 10) is clip(ρ, 1 − ε_low, 1 + ε_high): a larger
+    DAPO's decoupled clip (arXiv 2503.14476 §3.1) is clip(ρ, 1 − ε_low, 1 + ε_high): a larger
     ε_high lets unlikely tokens of good answers gain more probability per step ("clip-higher").
     """
     high = clip_eps if clip_eps_high is None else clip_eps_high
