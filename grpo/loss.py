@@ -213,9 +213,9 @@ def grpo_loss(
 
     Returns the scalar loss and detached float stats: ``loss``, ``kl`` (token mean over real
     tokens; 0.0 when ref_logp is None), ``clip_frac`` (fraction of real tokens where the clipped
-    branch is active), ``clip_ratio/low_mean`` and ``clip_ratio/high_mean`` (its two sides, TRL's
-    names), ``ratio_mean``, ``ratio_min``, ``ratio_max`` (over real tokens; 1.0 when the batch has
-    no real token).
+    branch is active), ``clip_frac_low`` and ``clip_frac_high`` (its two sides: TRL's
+    ``clip_ratio/low_mean`` and ``clip_ratio/high_mean``), ``ratio_mean``, ``ratio_min``,
+    ``ratio_max`` (over real tokens; 1.0 when the batch has no real token).
     """
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown kl_estimator {kl_estimator!r}; expected one of {sorted(KL_ESTIMATORS)}")
@@ -266,8 +266,8 @@ def grpo_loss(
             "loss": float(loss),
             "kl": float(token_mean(kl_NT, mask_NT)) if kl_NT is not None else 0.0,
             "clip_frac": float(token_mean((low_NT | high_NT).to(logp.dtype), mask_NT)),
-            "clip_ratio/low_mean": float(token_mean(low_NT.to(logp.dtype), mask_NT)),
-            "clip_ratio/high_mean": float(token_mean(high_NT.to(logp.dtype), mask_NT)),
+            "clip_frac_low": float(token_mean(low_NT.to(logp.dtype), mask_NT)),
+            "clip_frac_high": float(token_mean(high_NT.to(logp.dtype), mask_NT)),
             "ratio_mean": float(ratio_real.mean()) if n_tokens else 1.0,
             "ratio_min": float(ratio_real.min()) if n_tokens else 1.0,
             "ratio_max": float(ratio_real.max()) if n_tokens else 1.0,

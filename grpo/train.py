@@ -216,7 +216,7 @@ def update_pass(model, optimizer, buf: RolloutBuffer, cfg: Config, device) -> di
                                     g.importance_sampling_level, g.max_new_tokens)  # fmt: skip
             (loss * weight).backward()
         answer_nll.append(-buf.answer_logprobs(mb.rows, logp_NT.detach()))
-        for key in ("loss", "kl", "clip_frac", "clip_ratio/low_mean", "clip_ratio/high_mean", "ratio_mean"):
+        for key in ("loss", "kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean"):
             sums[key] += stats[key] * weight
         lo, hi = min(lo, stats["ratio_min"]), max(hi, stats["ratio_max"])
     params = [p for p in model.parameters() if p.requires_grad]
