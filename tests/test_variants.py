@@ -405,3 +405,18 @@ def test_concat_groups_scores_each_completion_as_its_own_rollout_did(tiny, synth
     want[:4, :6] = want_a[[0, 1, 4, 5]]
     want[4:, :4] = want_b[[2, 3]]
     assert_close(got[mask], want[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_every_ablation_variant_is_a_valid_configuration():
+    """``make ablate`` trains each of ``experiments/ablate.py``'s variants on both demo tasks."""
+    from experiments.ablate import TASKS, VARIANTS
+
+    assert VARIANTS["grpo"] == (), "the baseline is the paper's GRPO, unchanged"
+    for config, _, _ in TASKS.values():
+        for variant, overrides in VARIANTS.items():
+            g = load_config(f"experiments/{config}", ["grpo.ppo_epochs=2", *overrides]).grpo
+            papers = (g.loss_type, g.importance_sampling_level, g.clip_range, g.dynamic_sampling) == (
+                "grpo", "token", (0.2, 0.2), False)  # fmt: skip
+            assert papers == (variant == "grpo"), variant
+    gspo = load_config("experiments/tiny.yaml", list(VARIANTS["gspo"])).grpo
+    assert gspo.clip_range == (3e-4, 4e-4) and gspo.importance_sampling_level == "sequence"
