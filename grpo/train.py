@@ -22,9 +22,9 @@ DAPO, GSPO, batch-scaled advantages; ``grpo.loss_type`` and its neighbours) are 
 ``grpo.loss`` and ``grpo.advantages``; dynamic sampling is ``grpo.dynamic_sampling``.
 
 Deviations from the paper, on purpose: the KL term uses the k3 estimator by default
-(``grpo.loss``); the group std is the unbiased one (``grpo.advantages``); log-probs of a
-minibatch are aggregated within the minibatch, so ``token-mean`` is exact only when one
-minibatch holds the whole batch.
+(``grpo.loss``); the group std is the unbiased one (``grpo.advantages``). Minibatches are
+weighted so that every aggregation is the batch's own (``token-mean`` by tokens, the others by
+completions); under ``torchrun`` each rank aggregates its own batch and the gradients are averaged.
 """
 
 from __future__ import annotations
@@ -206,7 +206,10 @@ def update_pass(model, optimizer, buf: RolloutBuffer, cfg: Config, device) -> di
     for i, mb in enumerate(minibatches):
         last = i == len(minibatches) - 1
         sync = model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
+        # each minibatch's share of the batch: of its completions, or of its tokens for token-mean
         weight = len(mb.rows) / buf.num_completions
+        if g.aggregation == "token-mean":
+            weight = float(mb.mask_NT.sum()) / max(float(buf.mask_NT.sum()), 1.0)
         with sync, autocast(cfg, device):
             logp_NT = completion_logprobs(
                 model, mb.inputs, mb.ids_NT, mb.mask_NT, g.sampling.temperature, mb.prompt_rows

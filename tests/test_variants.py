@@ -420,3 +420,40 @@ def test_every_ablation_variant_is_a_valid_configuration():
             assert papers == (variant == "grpo"), variant
     gspo = load_config("experiments/tiny.yaml", list(VARIANTS["gspo"])).grpo
     assert gspo.clip_range == (3e-4, 4e-4) and gspo.importance_sampling_level == "sequence"
+
+
+@pytest.mark.parametrize("agg", ["seq-mean", "token-mean", "budget-mean"])
+def test_each_aggregation_is_exact_across_minibatches(tiny, synthetic_ir, one_thread, agg):
+    """One SGD step (lr 1: every weight moves by its gradient) over the whole batch at once and
+    over minibatches of 4 completions must agree: minibatches weigh by their share of the
+    completions, or of the tokens for token-mean (DAPO's one mean over the batch's tokens).
+    Mutation checked by hand: weighting token-mean's minibatches by completions fails it."""
+    import copy
+
+    from data.imagereward import read_train
+    from grpo.rollout import encode_samples
+    from grpo.train import update_pass
+
+    model, processor = tiny
+    ts = read_train(synthetic_ir)
+    samples = ts.samples[:3]
+    inputs = encode_samples(
+        processor, samples, [[r.load() for r in s.images] for s in samples], ts.rating_values
+    )
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(50, 400, (6, 7), generator=g)
+    mask = (torch.arange(7)[None, :] < torch.tensor([7, 1, 2, 7, 3, 1])[:, None]).long()  # ragged lengths
+    moved = []
+    for minibatch in (6, 4):
+        cfg = load_config(None, ["grpo.group_size=2", f"grpo.minibatch_size={minibatch}", "grpo.kl_coef=0.1",
+                                 "model.dtype=float32", f"grpo.loss_agg={agg}", "grpo.max_new_tokens=8",
+                                 "train.max_grad_norm=1e9"])  # fmt: skip
+        m = copy.deepcopy(model).train()
+        buf = RolloutBuffer(inputs, 2, ids, mask, [""] * 6, torch.zeros(6, dtype=torch.bool), samples)
+        buf.advantages_N = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
+        buf.ref_logp_NT = torch.full((6, 7), -6.5)
+        update_pass(m, torch.optim.SGD(m.parameters(), lr=1.0), buf, cfg, torch.device("cpu"))
+        moved.append({n: p.detach() for n, p in m.named_parameters()})
+    assert any(not torch.equal(moved[0][n], p) for n, p in model.named_parameters())
+    for name in moved[0]:
+        assert_close(moved[1][name], moved[0][name], atol=1e-5, rtol=1e-4, msg=name)
