@@ -9,7 +9,7 @@ MODEL   ?= Qwen/Qwen2.5-VL-7B-Instruct
 DATA    ?=
 TINY    := $(RUNS)/tiny-model
 
-.PHONY: help install test lint format demo demo-full demo-robust train-imagereward train-hpsv2 eval-imagereward eval-hpsv2 bench tiny-model
+.PHONY: help install test lint format demo demo-full demo-robust ablate train-imagereward train-hpsv2 eval-imagereward eval-hpsv2 bench tiny-model
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -71,6 +71,9 @@ demo-robust: $(STAMP)  ## the demo over 10 seeds × perturbations (threads, kern
 
 demo-full: $(STAMP)  ## make demo, then the stretch run: prompt-conditioned tier, small preset (~36 min)
 	$(PY) experiments/demo.py --out $(RUNS)/demo --stretch
+
+ablate: $(STAMP)  ## each GRPO variant (Dr. GRPO, DAPO, GSPO, bnpo, dynamic sampling) × 3 seeds on the demo's tasks; table in runs/ablate (~2 h)
+	$(PY) experiments/ablate.py --out $(RUNS)/ablate $(ARGS)
 
 # Real runs (GPU): MODEL=hub id or folder, DATA=dataset folder; extra key=value overrides in ARGS.
 train-imagereward: $(STAMP)  ## GRPO on ImageRewardDB (experiments/imagereward.yaml)

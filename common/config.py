@@ -116,6 +116,29 @@ class GRPOConfig:
     """Sampling temperature; log-probs are computed at the same temperature."""
     clip_eps: float = 0.2
     """ε: the ratio π_θ/π_θold is clipped to [1−ε, 1+ε]."""
+    clip_eps_low: float = 0.0
+    """ε_low: the ratio's lower clip bound is 1 − ε_low; 0 = ε."""
+    clip_eps_high: float = 0.0
+    """ε_high: the ratio's upper clip bound is 1 + ε_high; 0 = ε, the paper's symmetric clip.
+    DAPO's "clip-higher" (arXiv 2503.14476): 0.28 with ε_low = 0.2."""
+    loss_type: str = "grpo"
+    """The objective (docs/math.md): grpo (the paper's: per-completion mean, group std) | dr_grpo
+    (arXiv 2503.20783: no std, a constant normaliser) | dapo (arXiv 2503.14476: one mean over the
+    batch's tokens) | bnpo (token mean and the batch's std, arXiv 2508.08221). It sets the
+    defaults of loss_agg and scale_rewards (``LOSS_TYPES``); either key overrides its part."""
+    importance_sampling_level: str = "token"
+    """token (the paper's ratio per token) | sequence (GSPO, arXiv 2507.18071: one ratio per
+    completion, the geometric mean of its token ratios). Equal to token at μ = 1 under seq-mean."""
+    scale_rewards: str = ""
+    """What divides r − mean(group): group (its std, the paper's) | batch (the std of all B·G
+    rewards) | none (nothing, Dr. GRPO); empty = the loss_type's."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (arXiv 2503.14476 §3.2): groups whose rewards all agree (reward std
+    0, no gradient) are dropped and replaced by groups of fresh prompts (grpo.dynamic_sampling)."""
+    dynamic_sampling_max_rounds: int = 3
+    """Budget of dynamic sampling: extra sampling rounds per step, each of as many fresh prompts as
+    groups are missing, so at most (1 + rounds)·B groups per step. When it runs out, the step
+    trains on the groups with spread plus the first flat ones and logs that."""
     kl_coef: float = 0.04
     """β: weight of the KL penalty to the frozen reference policy; 0 skips the reference."""
     kl_estimator: str = "k3"
@@ -125,8 +148,9 @@ class GRPOConfig:
     """μ: policy updates per batch of rollouts; μ > 1 stores old log-probs in the buffer."""
     minibatch_size: int = 16
     """Completions per forward/backward pass (gradient accumulation over the batch)."""
-    loss_agg: str = "seq-mean"
-    """Loss aggregation: seq-mean (per completion, then mean) | token-mean."""
+    loss_agg: str = ""
+    """Loss aggregation: seq-mean (per completion, then mean) | token-mean | budget-mean (sum over
+    N · max_new_tokens); empty = the loss_type's."""
     reward_weights: dict[str, float] = field(default_factory=dict)
     """Weight of each reward component (format, exact, approx); missing ones weigh 1."""
     share_prefix: bool = SamplingSpec.share_prefix
@@ -139,6 +163,31 @@ class GRPOConfig:
     def sampling(self) -> SamplingSpec:
         """The rollouts' sampling spec."""
         return SamplingSpec(self.max_new_tokens, self.temperature, self.share_prefix)
+
+    @property
+    def aggregation(self) -> str:
+        """The loss aggregation: ``loss_agg``, else the loss_type's."""
+        return self.loss_agg or LOSS_TYPES[self.loss_type][0]
+
+    @property
+    def reward_scaling(self) -> str:
+        """The advantages' divisor: ``scale_rewards``, else the loss_type's."""
+        return self.scale_rewards or LOSS_TYPES[self.loss_type][1]
+
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        """(ε_low, ε_high): ``clip_eps_low`` / ``clip_eps_high`` where set, else ε."""
+        return self.clip_eps_low or self.clip_eps, self.clip_eps_high or self.clip_eps
+
+
+# grpo.loss_type → (loss aggregation, reward scaling) it stands for; the formulas: grpo/loss.py,
+# grpo/advantages.py. grpo.loss_agg and grpo.scale_rewards override either part.
+LOSS_TYPES = {
+    "grpo": ("seq-mean", "group"),  # DeepSeekMath eq. 3, as arXiv 2503.19948 trains
+    "dr_grpo": ("budget-mean", "none"),  # arXiv 2503.20783
+    "dapo": ("token-mean", "group"),  # arXiv 2503.14476
+    "bnpo": ("token-mean", "batch"),  # TRL's loss_type="bnpo" with scale_rewards="batch"
+}
 
 
 @dataclass
@@ -242,9 +291,20 @@ class Config:
         _check(g.group_size >= 2, "grpo.group_size (G) must be at least 2: advantages compare completions")
         _check(g.kl_estimator in ("k1", "k3"), f"grpo.kl_estimator must be k1 or k3, got {g.kl_estimator!r}")
         _check(
-            g.loss_agg in ("seq-mean", "token-mean"),
-            f"grpo.loss_agg: seq-mean or token-mean, not {g.loss_agg!r}",
+            g.loss_agg in ("", "seq-mean", "token-mean", "budget-mean"),
+            f"grpo.loss_agg: seq-mean, token-mean or budget-mean, not {g.loss_agg!r}",
         )
+        _check(g.loss_type in LOSS_TYPES, f"grpo.loss_type: one of {list(LOSS_TYPES)}, not {g.loss_type!r}")
+        _check(g.importance_sampling_level in ("token", "sequence"),
+               f"grpo.importance_sampling_level: token or sequence, not {g.importance_sampling_level!r}")  # fmt: skip
+        _check(g.scale_rewards in ("", "group", "batch", "none"),
+               f"grpo.scale_rewards: group, batch or none, not {g.scale_rewards!r}")  # fmt: skip
+        _check(0 <= g.clip_eps_low < 1 and g.clip_eps_high >= 0,
+               "grpo.clip_eps_low must be in [0, 1) and grpo.clip_eps_high ≥ 0 (0 = grpo.clip_eps)")  # fmt: skip
+        _check(g.dynamic_sampling_max_rounds >= 0, "grpo.dynamic_sampling_max_rounds must be ≥ 0")
+        _check(not (g.dynamic_sampling and t.strategy == "fsdp"),
+               "grpo.dynamic_sampling needs train.strategy=ddp: under FSDP every rank must sample the "
+               "same number of rounds")  # fmt: skip
         _check(g.ppo_epochs >= 1, "grpo.ppo_epochs (μ) must be ≥ 1")
         _check(g.kl_coef >= 0 and g.clip_eps > 0, "grpo.kl_coef must be ≥ 0 and grpo.clip_eps > 0")
         _check(

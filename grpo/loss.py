@@ -28,6 +28,16 @@ Deviations from the paper, on purpose (all of them: docs/math.md):
   mean over completions (as TRL does), so it never produces NaN.
 - **μ = 1.** With ``old_logp=None`` the old policy is the current one detached: ρ = 1 exactly,
   the clip is inactive, and the gradient is the plain policy gradient −A·∇log π (+ β·∇KL).
+
+Variants of the objective since the paper, each a pure function below, chosen by one argument
+(config: ``grpo.loss_type``, ``grpo.importance_sampling_level``, ``grpo.clip_eps_high``):
+
+- **Decoupled clip** (DAPO's "clip-higher", arXiv 2503.14476 §3.1): clip(ρ, 1 − ε_low, 1 + ε_high)
+  with ε_high > ε_low; ``clip_eps_high=None`` is the paper's symmetric clip.
+- **Sequence-level ratio** (GSPO, arXiv 2507.18071): one ratio per completion, the geometric
+  mean of its token ratios, clipped per sequence (``sequence_ratio``).
+- **Aggregations**: ``token-mean`` (DAPO, arXiv 2503.14476 §3.3) and ``budget-mean`` (Dr. GRPO,
+  arXiv 2503.20783: a constant normaliser, the generation budget, instead of 1/|o_i|).
 """
 
 from __future__ import annotations
@@ -84,7 +94,19 @@ def token_mean(x_NT: Tensor, mask_NT: Tensor) -> Tensor:
     return torch.where(mask_NT, x_NT, 0.0).sum() / mask_NT.sum().clamp(min=1)
 
 
-AGGREGATIONS = {"seq-mean": seq_mean, "token-mean": token_mean}
+def budget_mean(x_NT: Tensor, mask_NT: Tensor, budget: int) -> Tensor:
+    """Dr. GRPO's constant normaliser (Liu et al., arXiv 2503.20783): Σ_it x_it / (N · L).
+
+    L is the generation budget (``grpo.max_new_tokens``), the same for every completion, so a long
+    wrong answer is not penalised less per token than a short one, as it is under 1/|o_i|. Exact
+    under gradient accumulation: minibatches of n rows weighted n/N sum to it. Returns a scalar.
+    """
+    assert budget > 0, "budget-mean needs the generation budget L > 0 (max_completion_len)"
+    assert mask_NT.shape[1] <= budget, f"completions of {mask_NT.shape[1]} tokens exceed the budget {budget}"
+    return torch.where(mask_NT, x_NT, 0.0).sum() / (mask_NT.shape[0] * budget)
+
+
+AGGREGATIONS = {"seq-mean": seq_mean, "token-mean": token_mean, "budget-mean": budget_mean}
 
 # ------------------------------------------------------------------------------- the objective
 
@@ -94,31 +116,68 @@ def policy_ratio(logp_NT: Tensor, old_logp_NT: Tensor) -> Tensor:
     return torch.exp(logp_NT - old_logp_NT)
 
 
-def clipped_surrogate(ratio_NT: Tensor, adv_N: Tensor, clip_eps: float) -> Tensor:
+def sequence_ratio(logp_NT: Tensor, old_logp_NT: Tensor, mask_NT: Tensor) -> Tensor:
+    """GSPO's sequence-level importance ratio (Zheng et al., arXiv 2507.18071), per completion:
+
+        s_i = (π_θ(o_i | q) / π_θold(o_i | q))^(1/|o_i|) = exp(1/|o_i| Σ_t (log π_θ(o_it) − log π_θold(o_it)))
+
+    the geometric mean of the token ratios, so the clip acts on whole completions. Returned
+    broadcast over each completion's tokens, (N, T), so that it drops into ``clipped_surrogate``
+    in place of the token ratio; ``mask_NT`` is bool. With one token per completion, or on policy
+    (old = θ detached: s_i = 1, ∇s_i = mean_t ∇log π_it), the GRPO objective under ``seq-mean`` is
+    unchanged in value and gradient.
+    """
+    log_ratio_NT = torch.where(mask_NT, logp_NT - old_logp_NT, 0.0)
+    log_s_N = log_ratio_NT.sum(dim=1) / mask_NT.sum(dim=1).clamp(min=1)
+    return torch.exp(log_s_N)[:, None].expand_as(logp_NT)  # (N, T)
+
+
+def clipped_surrogate(
+    ratio_NT: Tensor, adv_N: Tensor, clip_eps: float, clip_eps_high: float | None = None
+) -> Tensor:
     """PPO's pessimistic surrogate: min(ρ·A, clip(ρ, 1 − ε, 1 + ε)·A), per token.
 
-    | argument  | symbol | shape  |
-    |-----------|--------|--------|
-    | ratio_NT  | ρ      | (N, T) |
-    | adv_N     | A      | (N,), broadcast over the tokens of each completion |
-    | clip_eps  | ε      | float  |
-    | returns   | —      | (N, T) |
+    | argument      | symbol | shape  |
+    |---------------|--------|--------|
+    | ratio_NT      | ρ      | (N, T) |
+    | adv_N         | A      | (N,), broadcast over the tokens of each completion |
+    | clip_eps      | ε      | float (ε_low when ``clip_eps_high`` is given) |
+    | clip_eps_high | ε_high | float or None (None: ε, the symmetric clip) |
+    | returns       | —      | (N, T) |
+
+    DAPO's decoupled clip (arXiv 2503.14476 §3.1) is clip(ρ, 1 − ε_low, 1 + ε_high): a larger
+    ε_high lets unlikely tokens of good answers gain more probability per step ("clip-higher").
     """
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     adv_N1 = adv_N[:, None]
     unclipped_NT = ratio_NT * adv_N1
-    clipped_NT = torch.clamp(ratio_NT, 1.0 - clip_eps, 1.0 + clip_eps) * adv_N1
+    clipped_NT = torch.clamp(ratio_NT, 1.0 - clip_eps, 1.0 + high) * adv_N1
     return torch.minimum(unclipped_NT, clipped_NT)
 
 
-def clip_active(ratio_NT: Tensor, adv_N: Tensor, clip_eps: float) -> Tensor:
-    """Where the clipped branch wins the min (and so the token's gradient is zero). Bool (N, T).
+def clip_regions(
+    ratio_NT: Tensor, adv_N: Tensor, clip_eps: float, clip_eps_high: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Where the clipped branch wins the min (and so the token's gradient is zero): (low, high), bool (N, T).
 
-    That is ρ > 1 + ε with A > 0 (the policy already moved far enough up) or ρ < 1 − ε with
+    High: ρ > 1 + ε_high with A > 0 (the policy already moved far enough up); low: ρ < 1 − ε with
     A < 0 (far enough down). Outside the range in the *other* direction the unclipped term is the
     smaller one and the gradient still flows.
     """
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     adv_N1 = adv_N[:, None]
-    return ((ratio_NT > 1.0 + clip_eps) & (adv_N1 > 0)) | ((ratio_NT < 1.0 - clip_eps) & (adv_N1 < 0))
+    return (ratio_NT < 1.0 - clip_eps) & (adv_N1 < 0), (ratio_NT > 1.0 + high) & (adv_N1 > 0)
+
+
+def clip_active(
+    ratio_NT: Tensor, adv_N: Tensor, clip_eps: float, clip_eps_high: float | None = None
+) -> Tensor:
+    """Either clip region (``clip_regions``): the tokens whose gradient the clip stops. Bool (N, T)."""
+    low_NT, high_NT = clip_regions(ratio_NT, adv_N, clip_eps, clip_eps_high)
+    return low_NT | high_NT
+
+
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
 def grpo_loss(
@@ -131,31 +190,40 @@ def grpo_loss(
     kl_coef: float = 0.04,
     kl_estimator: str = "k3",
     loss_agg: str = "seq-mean",
+    clip_eps_high: float | None = None,
+    importance_sampling_level: str = "token",
+    max_completion_len: int = 0,
 ) -> tuple[Tensor, dict[str, float]]:
     """The GRPO loss: aggregate over real tokens of −(min(ρA, clip(ρ, 1±ε)A) − β·KL).
 
-    | argument     | symbol         | shape  | note |
-    |--------------|----------------|--------|------|
-    | logp         | log π_θ        | (N, T) | with gradient |
-    | old_logp     | log π_θold     | (N, T) | None ⇒ μ = 1: logp.detach(), ρ ≡ 1 |
-    | ref_logp     | log π_ref      | (N, T) | None allowed only when kl_coef == 0 |
-    | advantages   | A              | (N,)   | from ``group_advantages``, flattened |
-    | mask         | —              | (N, T) | bool or 0/1 float, 1 on real completion tokens |
-    | clip_eps     | ε              | float  | |
-    | kl_coef      | β              | float  | |
-    | kl_estimator | —              | str    | one of ``KL_ESTIMATORS`` |
-    | loss_agg     | —              | str    | one of ``AGGREGATIONS`` |
+    | argument      | symbol         | shape  | note |
+    |---------------|----------------|--------|------|
+    | logp          | log π_θ        | (N, T) | with gradient |
+    | old_logp      | log π_θold     | (N, T) | None ⇒ μ = 1: logp.detach(), ρ ≡ 1 |
+    | ref_logp      | log π_ref      | (N, T) | None allowed only when kl_coef == 0 |
+    | advantages    | A              | (N,)   | from ``group_advantages`` (or a variant), flattened |
+    | mask          | —              | (N, T) | bool or 0/1 float, 1 on real completion tokens |
+    | clip_eps      | ε (ε_low)      | float  | |
+    | kl_coef       | β              | float  | |
+    | kl_estimator  | —              | str    | one of ``KL_ESTIMATORS`` |
+    | loss_agg      | —              | str    | one of ``AGGREGATIONS`` |
+    | clip_eps_high | ε_high         | float  | None: ε (the paper's symmetric clip) |
+    | importance_sampling_level | — | str | ``token`` (ρ_it, the paper's) or ``sequence`` (GSPO's s_i) |
+    | max_completion_len | L         | int    | the generation budget; used by ``budget-mean`` only |
 
     Returns the scalar loss and detached float stats: ``loss``, ``kl`` (token mean over real
     tokens; 0.0 when ref_logp is None), ``clip_frac`` (fraction of real tokens where the clipped
-    branch is active) and its sides ``clip_frac_low`` (ρ < 1 − ε, A < 0) and ``clip_frac_high``
-    (ρ > 1 + ε, A > 0), ``ratio_mean``, ``ratio_min``, ``ratio_max`` (over real tokens; 1.0 when
-    the batch has no real token).
+    branch is active), ``clip_frac_low`` and ``clip_frac_high`` (its two sides: TRL's
+    ``clip_ratio/low_mean`` and ``clip_ratio/high_mean``), ``ratio_mean``, ``ratio_min``,
+    ``ratio_max`` (over real tokens; 1.0 when the batch has no real token).
     """
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown kl_estimator {kl_estimator!r}; expected one of {sorted(KL_ESTIMATORS)}")
     if loss_agg not in AGGREGATIONS:
         raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {sorted(AGGREGATIONS)}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; "
+                         f"expected one of {IMPORTANCE_SAMPLING_LEVELS}")  # fmt: skip
     assert logp.dim() == 2, f"logp must be (N, T), got shape {tuple(logp.shape)}"
     N, T = logp.shape
     assert mask.shape == (N, T), f"mask {tuple(mask.shape)} does not match logp {(N, T)}"
@@ -172,9 +240,11 @@ def grpo_loss(
     # exp() cannot overflow and no NaN gradient can leak through the masked-out tokens.
     old_logp_NT = logp_NT.detach() if old_logp is None else torch.where(mask_NT, old_logp, logp_NT.detach())
 
-    # The next two lines are the clipped policy-gradient term of the GRPO objective.
-    ratio_NT = policy_ratio(logp_NT, old_logp_NT.detach())
-    surrogate_NT = clipped_surrogate(ratio_NT, adv_N, clip_eps)
+    # The next two lines are the clipped policy-gradient term of the GRPO objective (GSPO takes
+    # one ratio per completion instead of one per token).
+    ratio_NT = (policy_ratio(logp_NT, old_logp_NT.detach()) if importance_sampling_level == "token"
+                else sequence_ratio(logp_NT, old_logp_NT.detach(), mask_NT))  # fmt: skip
+    surrogate_NT = clipped_surrogate(ratio_NT, adv_N, clip_eps, clip_eps_high)
 
     # The KL penalty; β = 0 skips it entirely (the caller then needs no reference forward).
     kl_NT = None
@@ -183,22 +253,21 @@ def grpo_loss(
         kl_NT = KL_ESTIMATORS[kl_estimator](logp_NT, ref_logp_NT)
     per_token_loss_NT = -(surrogate_NT - kl_coef * kl_NT) if kl_coef != 0 else -surrogate_NT
 
-    loss = AGGREGATIONS[loss_agg](per_token_loss_NT, mask_NT)
+    if loss_agg == "budget-mean":  # Dr. GRPO: the one aggregation that needs a number besides the mask
+        loss = budget_mean(per_token_loss_NT, mask_NT, max_completion_len)
+    else:
+        loss = AGGREGATIONS[loss_agg](per_token_loss_NT, mask_NT)
 
     with torch.no_grad():
         n_tokens = int(mask_NT.sum())
         ratio_real = ratio_NT[mask_NT]
+        low_NT, high_NT = clip_regions(ratio_NT, adv_N, clip_eps, clip_eps_high)
         stats = {
             "loss": float(loss),
             "kl": float(token_mean(kl_NT, mask_NT)) if kl_NT is not None else 0.0,
-            "clip_frac": float(token_mean(clip_active(ratio_NT, adv_N, clip_eps).to(logp.dtype), mask_NT)),
-            # its two sides, TRL's clip_ratio/low_mean and clip_ratio/high_mean (clip_frac = low + high)
-            "clip_frac_low": float(
-                token_mean(((ratio_NT < 1 - clip_eps) & (adv_N[:, None] < 0)).float(), mask_NT)
-            ),
-            "clip_frac_high": float(
-                token_mean(((ratio_NT > 1 + clip_eps) & (adv_N[:, None] > 0)).float(), mask_NT)
-            ),
+            "clip_frac": float(token_mean((low_NT | high_NT).to(logp.dtype), mask_NT)),
+            "clip_frac_low": float(token_mean(low_NT.to(logp.dtype), mask_NT)),
+            "clip_frac_high": float(token_mean(high_NT.to(logp.dtype), mask_NT)),
             "ratio_mean": float(ratio_real.mean()) if n_tokens else 1.0,
             "ratio_min": float(ratio_real.min()) if n_tokens else 1.0,
             "ratio_max": float(ratio_real.max()) if n_tokens else 1.0,

@@ -18,7 +18,8 @@ the update passes need in a ``RolloutBuffer``:
 
 ``N = B·G``. Minibatches are sets of completion rows; their prompt rows (and so their packed
 images) are sliced from ``inputs`` with ``models.qwen_vl.select_rows``, never by position in
-``pixel_values``.
+``pixel_values``. ``concat_groups`` joins chosen groups of several rollouts into one buffer
+(dynamic sampling, ``grpo.dynamic_sampling``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from common.config import SamplingSpec
@@ -135,3 +137,51 @@ def buffer_logprobs(model, buffer: RolloutBuffer, minibatch_size: int, temperatu
         logp_NT = completion_logprobs(model, mb.inputs, mb.ids_NT, mb.mask_NT, temperature, mb.prompt_rows)
         out[mb.rows] = logp_NT.float()
     return out
+
+
+def concat_groups(parts: list[tuple[RolloutBuffer, list[int]]], pad_id: int) -> RolloutBuffer:
+    """One buffer holding chosen groups of several rollouts (dynamic sampling's refilled batch).
+
+    For each ``(buffer, groups)`` in turn: the prompt rows ``groups`` (with their packed images,
+    ``models.qwen_vl.select_rows``) and their G completions each, with rewards and components.
+    Prompts are left padded (``pad_id``, attention 0) and completions right padded to the longest,
+    as one sampling call would have padded them. Advantages and log-probs are computed after.
+    """
+    G = parts[0][0].group_size
+    prompts, ids, masks, texts, truncated, samples, rewards = [], [], [], [], [], [], []
+    components = {k: [] for k in parts[0][0].components}
+    for buf, groups in parts:
+        if not groups:
+            continue
+        rows = (torch.tensor(groups)[:, None] * G + torch.arange(G)).flatten()  # (n·G,) completion rows
+        prompts.append(select_rows(buf.inputs, groups))
+        ids.append(buf.ids_NT[rows])
+        masks.append(buf.mask_NT[rows])
+        texts += [buf.texts[r] for r in rows.tolist()]
+        truncated.append(buf.truncated_N[rows])
+        samples += [buf.samples[b] for b in groups]
+        rewards.append(buf.rewards_N[rows])
+        for k in components:
+            components[k].append(buf.components[k][rows])
+    T = max(t.shape[1] for t in ids)
+    L = max(p["input_ids"].shape[1] for p in prompts)
+
+    def right(t, value):
+        return F.pad(t, (0, T - t.shape[1]), value=value)
+
+    def left(t, value):
+        return F.pad(t, (L - t.shape[1], 0), value=value)
+
+    inputs = {
+        "input_ids": torch.cat([left(p["input_ids"], pad_id) for p in prompts]),  # (B, L)
+        "attention_mask": torch.cat([left(p["attention_mask"], 0) for p in prompts]),
+        "mm_token_type_ids": torch.cat([left(p["mm_token_type_ids"], 0) for p in prompts]),
+    }
+    if "pixel_values" in prompts[0]:
+        inputs["pixel_values"] = torch.cat([p["pixel_values"] for p in prompts])  # (P, D)
+        inputs["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in prompts])  # (I, 3)
+    return RolloutBuffer(
+        inputs, G, torch.cat([right(t, pad_id) for t in ids]), torch.cat([right(m, 0) for m in masks]), texts,
+        torch.cat(truncated), samples, rewards_N=torch.cat(rewards),
+        components={k: torch.cat(v) for k, v in components.items()}, share_prefix=parts[0][0].share_prefix,
+    )  # fmt: skip

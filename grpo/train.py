@@ -16,13 +16,15 @@ rank, FSDP2 shards weights, gradients, optimizer state and reference (``train.st
 ``grpo.run.distributed``). ``grpo.memory``'s plan of the run is printed before the model is loaded.
 
 This file holds the step and the loop; the machinery of a run (the sample stream, checkpoints,
-ranks, the memory plan) is in ``grpo.run``, and the held-out evaluation calls down into the
-scoring layer, ``eval.evaluate.evaluate``.
+ranks, the memory plan) is in ``grpo.run``, and the held-out evaluation (``grpo.heldout``) calls
+down into the scoring layer, ``eval.evaluate.evaluate``. The objective's variants (Dr. GRPO,
+DAPO, GSPO, batch-scaled advantages; ``grpo.loss_type`` and its neighbours) are functions of
+``grpo.loss`` and ``grpo.advantages``; dynamic sampling is ``grpo.dynamic_sampling``.
 
 Deviations from the paper, on purpose: the KL term uses the k3 estimator by default
-(``grpo.loss``); the group std is the unbiased one (``grpo.advantages``); log-probs of a
-minibatch are aggregated within the minibatch, so ``token-mean`` is exact only when one
-minibatch holds the whole batch.
+(``grpo.loss``); the group std is the unbiased one (``grpo.advantages``). Minibatches are
+weighted so that every aggregation is the batch's own (``token-mean`` by tokens, the others by
+completions); under ``torchrun`` each rank aggregates its own batch and the gradients are averaged.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import os
 import sys
 from collections import Counter, defaultdict
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,9 +46,10 @@ from common.config import Config, load_config, save_config
 from common.errors import CheckpointError, user_errors_exit
 from common.manifest import check_model_source, check_same_task, load_errors_as_checkpoint_error, task_record
 from data.prompts import answer_values
-from data.read import read_eval_set, read_train_set
-from eval.evaluate import evaluate
-from grpo.advantages import group_advantages, group_stats
+from data.read import read_train_set
+from grpo.advantages import ADVANTAGE_SCALINGS, group_stats
+from grpo.dynamic_sampling import sample_with_spread
+from grpo.heldout import heldout_groups, run_eval
 from grpo.loss import grpo_loss
 from grpo.policy import build_policy, reference_logprobs
 from grpo.rewards import compute_rewards
@@ -69,9 +73,8 @@ from grpo.run.sharded_checkpoint import (
     save_sharded_checkpoint,
 )
 from grpo.run.stream import SampleStream, check_data_folder, drop_prompts_too_long, next_batch
-from grpo.run.tracking import Tracker, flatten, peak_memory, timed
+from grpo.run.tracking import Tracker, peak_memory, timed
 from models.logprobs import completion_logprobs
-from models.qwen_vl import unwrap
 from models.sampling import sample_completions
 from models.soft_head import answer_positions
 
@@ -106,34 +109,32 @@ def autocast(cfg: Config, device: torch.device):
 
 def grpo_step(
     policy, train_model, reference, processor, optimizer, samples, images, rating_values, cfg, device,
-    min_new_tokens: int = 0,
+    min_new_tokens: int = 0, draw=None,
 ):  # fmt: skip
     """One GRPO step on B samples; returns the filled rollout buffer and the step's metrics.
 
     ``min_new_tokens`` > 0 holds back every completion's end (the benchmark's fixed lengths).
+    ``draw(k)``: k fresh (samples, images), for dynamic sampling's extra rounds.
     """
-    g, s, task = cfg.grpo, cfg.grpo.sampling, samples[0].task
+    g, s = cfg.grpo, cfg.grpo.sampling
     B, G = len(samples), g.group_size
-    valid = answer_values(task, rating_values or ())
+    valid = answer_values(samples[0].task, rating_values or ())
     t = {}
 
-    # 1. Sample B prompts × G completions (each prompt prefilled once with share_prefix).
-    with timed(t, "generate"), autocast(cfg, device):
-        inputs = to_device(encode_samples(processor, samples, images, rating_values), device)
-        policy.eval()
-        with gathered(policy):  # FSDP: the whole policy once per rollout, not once per token
-            comp = sample_completions(policy, processor, inputs, G, s.max_new_tokens, s.temperature,
-                                      min_new_tokens=min_new_tokens, share_prefix=s.share_prefix)  # fmt: skip
-    buf = RolloutBuffer(inputs, G, comp.ids_NT, comp.mask_NT, comp.texts, comp.truncated_N, samples,
-                        share_prefix=s.share_prefix)  # fmt: skip
+    # 1.–2. B prompts × G completions with their rewards; dynamic sampling (DAPO, off by default)
+    # replaces the groups whose rewards all agree with groups of fresh prompts, within a budget.
+    buf = rollout(policy, processor, samples, images, rating_values, cfg, device, t, min_new_tokens)
+    sampled_BG, refill = buf.rewards_N.view(B, G), {}
+    if g.dynamic_sampling:
+        more = partial(rollout, policy, processor, rating_values=rating_values, cfg=cfg, device=device, t=t,
+                       min_new_tokens=min_new_tokens)  # fmt: skip
+        buf, sampled_BG, refill = sample_with_spread(buf, more, draw, g.dynamic_sampling_max_rounds,
+                                                     processor.tokenizer.pad_token_id)  # fmt: skip
 
-    # 2. Rewards of every completion, and 3. group-normalised advantages.
+    # 3. Group-normalised advantages (grpo.scale_rewards: the group's std, the batch's, or none).
     with timed(t, "score"):
-        buf.rewards_N, buf.components = compute_rewards(
-            buf.texts, buf.targets_N(), task, valid, g.reward_weights
-        )
         rewards_BG = buf.rewards_N.view(B, G)
-        buf.advantages_N = group_advantages(rewards_BG).flatten().to(device)  # (N,)
+        buf.advantages_N = ADVANTAGE_SCALINGS[g.reward_scaling](rewards_BG).flatten().to(device)  # (N,)
         buf.answer_pos_N = answer_positions(processor.tokenizer, buf.ids_NT, buf.mask_NT, buf.texts, valid)
 
     # 4. Log-probs without gradients: the frozen reference (β > 0) and the sampling policy (μ > 1).
@@ -151,7 +152,8 @@ def grpo_step(
 
     lengths = buf.mask_NT.sum(dim=1).float()
     metrics = {
-        **group_stats(rewards_BG),
+        **group_stats(sampled_BG),  # every group sampled this step (dynamic sampling: all rounds)
+        **refill,
         **{f"reward/{k}": float(v.mean()) for k, v in buf.components.items()},
         **stats,
         "adv_std": float(buf.advantages_N.std()),
@@ -166,6 +168,28 @@ def grpo_step(
     return buf, metrics
 
 
+def rollout(policy, processor, samples, images, rating_values, cfg, device, t: dict, min_new_tokens: int = 0):
+    """Steps 1–2 of the GRPO step: G completions for each sample, rewarded; a ``RolloutBuffer``."""
+    g, s, task = cfg.grpo, cfg.grpo.sampling, samples[0].task
+    # 1. Sample B prompts × G completions (each prompt prefilled once with share_prefix).
+    with timed(t, "generate"), autocast(cfg, device):
+        inputs = to_device(encode_samples(processor, samples, images, rating_values), device)
+        policy.eval()
+        with gathered(policy):  # FSDP: the whole policy once per rollout, not once per token
+            comp = sample_completions(policy, processor, inputs, g.group_size, s.max_new_tokens, s.temperature,
+                                      min_new_tokens=min_new_tokens, share_prefix=s.share_prefix)  # fmt: skip
+    buf = RolloutBuffer(inputs, g.group_size, comp.ids_NT, comp.mask_NT, comp.texts, comp.truncated_N, samples,
+                        share_prefix=s.share_prefix)  # fmt: skip
+
+    # 2. Rewards of every completion.
+    with timed(t, "score"):
+        valid = answer_values(task, rating_values or ())
+        buf.rewards_N, buf.components = compute_rewards(
+            buf.texts, buf.targets_N(), task, valid, g.reward_weights
+        )
+    return buf
+
+
 def update_pass(model, optimizer, buf: RolloutBuffer, cfg: Config, device) -> dict:
     """One pass of the clipped GRPO objective over the buffer: accumulate, clip, step."""
     g = cfg.grpo
@@ -176,13 +200,17 @@ def update_pass(model, optimizer, buf: RolloutBuffer, cfg: Config, device) -> di
     for i, mb in enumerate(minibatches):
         last = i == len(minibatches) - 1
         sync = model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
+        # each minibatch's share of the batch: of its completions, or of its tokens for token-mean
         weight = len(mb.rows) / buf.num_completions
+        if g.aggregation == "token-mean":
+            weight = float(mb.mask_NT.sum()) / max(float(buf.mask_NT.sum()), 1.0)
         with sync, autocast(cfg, device):
             logp_NT = completion_logprobs(
                 model, mb.inputs, mb.ids_NT, mb.mask_NT, g.sampling.temperature, mb.prompt_rows
             )
             loss, stats = grpo_loss(logp_NT, mb.old_logp_NT, mb.ref_logp_NT, mb.advantages_N, mb.mask_NT,
-                                    g.clip_eps, g.kl_coef, g.kl_estimator, g.loss_agg)  # fmt: skip
+                                    g.clip_range[0], g.kl_coef, g.kl_estimator, g.aggregation, g.clip_range[1],
+                                    g.importance_sampling_level, g.max_new_tokens)  # fmt: skip
             (loss * weight).backward()
         answer_nll.append(-buf.answer_logprobs(mb.rows, logp_NT.detach()))
         sums["entropy"] -= float(logp_NT.detach().sum())  # 0 on padding; / n_tokens below
@@ -260,7 +288,8 @@ def train(cfg: Config) -> Path:
             group["lr"] = lr
         samples, images = next_batch(stream, train_set.samples, cfg.grpo.prompts_per_step, skipped)
         buf, metrics = grpo_step(policy, train_model, reference, processor, optimizer, samples, images,
-                                 train_set.rating_values, cfg, device)  # fmt: skip
+                                 train_set.rating_values, cfg, device,
+                                 draw=lambda k: next_batch(stream, train_set.samples, k, skipped))  # fmt: skip
         metrics = average_across_ranks({**metrics, "skipped_images": skipped["bad image"]}, world)
         metrics = {"step": step + 1, "lr": lr, **metrics, **peak_memory(device)}
         if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.train.steps):
@@ -287,32 +316,6 @@ def train(cfg: Config) -> Path:
     if world > 1:
         dist.barrier()
     return out / f"checkpoint-{cfg.train.steps:06d}"
-
-
-def heldout_groups(cfg: Config) -> list:
-    """The held-out groups evaluated every ``eval.every`` steps: the first ``eval.max_groups``."""
-    groups = read_eval_set(cfg.data.kind, cfg.eval_root, cfg.eval.split, cfg.data.rating_field,
-                           cfg.data.rating_values).groups  # fmt: skip
-    return groups[: cfg.eval.max_groups] if cfg.eval.max_groups else groups
-
-
-def run_eval(policy, processor, groups, rating_values, cfg: Config, rank: int, world: int) -> dict:
-    """Held-out evaluation on rank 0 (the others wait); returns ``eval/…`` metrics.
-
-    It calls down into the scoring layer (``eval.evaluate.evaluate``) on a forked RNG, so
-    evaluating does not change the training run's random stream.
-    """
-    report = {}
-    with gathered(policy):  # FSDP: every rank gathers, rank 0 alone runs forwards
-        if rank == 0:
-            policy.eval()
-            device = next(policy.parameters()).device
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                report = evaluate(unwrap(policy), processor, groups, cfg.data.kind, rating_values, cfg.eval,
-                                  cfg.eval_max_new_tokens, progress=False, position_check=False)  # fmt: skip
-        if world > 1:
-            dist.barrier()
-    return {f"eval/{k}": v for k, v in flatten(report).items() if isinstance(v, (int, float))}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -51,10 +51,15 @@ def test_group_stats():
     # groups: [1,0,0,1] std 0.577350; [1,1,1,1] std 0; [0,0,0,0] std 0 → mean std 0.192450
     # reward mean = 6 / 12 = 0.5; zero-spread groups 2 of 3
     stats = group_stats(torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]))
-    assert stats.keys() == {"reward_mean", "reward_std", "frac_zero_std"}
+    assert stats.keys() == {"reward_mean", "reward_std", "frac_zero_std", "frac_reward_zero_std"}
     assert_close(stats["reward_mean"], 0.5)
     assert_close(stats["reward_std"], 3**-0.5 / 3)
     assert_close(stats["frac_zero_std"], 2 / 3)
     # G = 1: no spread to measure; every group counts as zero-spread
     stats1 = group_stats(torch.tensor([[0.25], [0.5]]))
-    assert stats1 == {"reward_mean": 0.375, "reward_std": 0.0, "frac_zero_std": 1.0}
+    assert stats1 == {
+        "reward_mean": 0.375,
+        "reward_std": 0.0,
+        "frac_zero_std": 1.0,
+        "frac_reward_zero_std": 1.0,
+    }
