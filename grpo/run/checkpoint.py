@@ -9,7 +9,7 @@ A checkpoint folder ``OUTPUT_DIR/checkpoint-000300/`` holds
 | tokenizer / processor    | ``processor_config.json``, ``preprocessor_config.json`` (the training pixel cap), tokenizer and chat template under the standard ``Qwen2_5_VLProcessor`` class: the folder loads with ``models.qwen_vl.load_policy`` and with plain transformers |
 | optimizer.safetensors    | AdamW moments, flattened to ``state.{param}.{key}`` tensors |
 | rng.safetensors          | torch CPU and CUDA RNG states of every rank, numpy's of rank 0 |
-| trainer_state.json       | step, data position of every rank, param groups, python RNG, numpy RNG scalars |
+| trainer_state.json       | step, data position of every rank (and where the global order starts), param groups, python RNG, numpy RNG scalars |
 | config.yaml              | the resolved config |
 | task.json                | the task and its rating scale, which evaluation and ranking read back |
 | manifest.json            | size and sha256 of every other file; written last |
@@ -34,6 +34,7 @@ left by a crash in the middle of an append, saying so.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -84,9 +85,11 @@ def save_checkpoint(
     """
     root = Path(output_dir)
     final, tmp = root / f"checkpoint-{step:06d}", root / f".tmp-checkpoint-{step:06d}"
-    with failed_save_is_one_line(final, tmp):
+    with failed_save_is_one_line(final, tmp, checkpoint_bytes(policy, optimizer)):
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        if not root.is_dir():
+            raise FileNotFoundError(2, "the output folder no longer exists", str(root))
+        tmp.mkdir()
         policy.save_pretrained(tmp, safe_serialization=True)
         if save_merged and hasattr(policy, "merge_and_unload"):
             _save_merged(policy, tmp / "merged")
@@ -99,21 +102,40 @@ def save_checkpoint(
     return commit(tmp, final, keep_last)
 
 
+SAVE_ERRORS = (OSError, SafetensorError, RuntimeError)  # what a failed write raises
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over the file-size limit
+
+
 @contextlib.contextmanager
-def failed_save_is_one_line(final: Path, tmp: Path) -> Iterator[None]:
+def failed_save_is_one_line(final: Path, tmp: Path, need: int = 0) -> Iterator[None]:
     """A save that fails (no space, no permission) removes ``tmp`` and raises one ``CheckpointError``
-    line saying that the previous checkpoint is intact."""
+    line saying that the previous checkpoint is intact (``need``: the bytes the checkpoint takes)."""
     try:
         yield
-    except (OSError, SafetensorError, RuntimeError) as e:
+    except SAVE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = [p.name for p in checkpoint_dirs(final.parent)]
-        kept = (
-            f"the previous checkpoint {previous[-1]} is intact"
-            if previous
-            else "no earlier checkpoint exists"
-        )
-        raise CheckpointError(f"could not save {final}: {reason(e)}; {kept}") from e
+        raise CheckpointError(failed_save_message(final, reason(e), getattr(e, "errno", None), need)) from e
+
+
+def failed_save_message(final: Path, cause: str, error: int | None, need: int) -> str:
+    """``could not save FINAL: CAUSE[; it needs about N MB, M MB free]; the previous checkpoint …``."""
+    space = ""
+    if error in _FULL and need:
+        try:
+            free = f", {shutil.disk_usage(final.parent).free / 1e6:.1f} MB free there"
+        except OSError:
+            free = ""
+        space = f"; the checkpoint needs about {need / 1e6:.1f} MB{free}"
+    previous = [p.name for p in checkpoint_dirs(final.parent)] if final.parent.is_dir() else []
+    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    return f"could not save {final}: {cause}{space}; {kept}"
+
+
+def checkpoint_bytes(policy, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the weights and the optimizer state a checkpoint writes (the rest is small)."""
+    tensors = list(policy.state_dict().values())
+    tensors += [t for per in optimizer.state.values() for t in per.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def commit(tmp: Path, final: Path, keep_last: int) -> Path:
@@ -170,6 +192,8 @@ def write_trainer_state(
     state = {
         "step": step,
         "data_positions": [rs["position"] for rs in rank_states],
+        "data_start": rank_states[0].get("start", 0),  # the global sample order (grpo.run.stream)
+        "data_done": rank_states[0].get("done", []),
         "weight_checksums": [rs["checksum"] for rs in rank_states],
         "param_groups": param_groups,
         "python_rng": _python_rng_to_json(random.getstate()),
@@ -204,9 +228,10 @@ def restore_rngs(ckpt: Path, state: dict, rank: int) -> None:
     current = ckpt / "rng.safetensors"
     try:
         rng = load_file(current)
-        torch.set_rng_state(rng[f"torch.{rank}"])
-        if torch.cuda.is_available() and f"cuda.{rank}" in rng:
-            torch.cuda.set_rng_state(rng[f"cuda.{rank}"])
+        if rank < len(state["data_positions"]):  # a rank the writing run did not have keeps its seed
+            torch.set_rng_state(rng[f"torch.{rank}"])
+            if torch.cuda.is_available() and f"cuda.{rank}" in rng:
+                torch.cuda.set_rng_state(rng[f"cuda.{rank}"])
         current = ckpt / "trainer_state.json"
         name, pos, has_gauss, cached = state["numpy_rng"]
         np.random.set_state((name, rng["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))

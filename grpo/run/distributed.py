@@ -33,14 +33,19 @@ the bf16 base fits every GPU replicated, so DDP is the strategy for it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from common.config import Config, ConfigError
+from common.errors import CheckpointError, RankAgreedError
+from common.manifest import reason
+from grpo.run.checkpoint import SAVE_ERRORS
 from models.qwen_vl import resolve_device, unwrap
 
 
@@ -60,6 +65,32 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+@contextmanager
+def all_ranks_learn(world: int, message: Callable[[BaseException], str] = reason) -> Iterator[None]:
+    """Every rank learns whether the body failed on any rank (a collective after it): a write that
+    rank 0 alone does (logs, a checkpoint) and that fails on a full, read-only or vanished folder.
+    If it failed, all raise the first failing rank's one-line ``message`` as ``RankAgreedError``,
+    which rank 0 alone prints; a rank that died (the collective fails) is a failure too. One process:
+    the body's own error, as it is."""
+    if world == 1:
+        yield
+        return
+    mine = None
+    try:
+        yield
+    except (CheckpointError, *SAVE_ERRORS, CheckpointException) as e:
+        mine = str(e) if isinstance(e, CheckpointError) else message(e)
+    failures: list = [None] * world
+    try:
+        dist.all_gather_object(failures, mine)
+    except RuntimeError as e:  # a peer is gone: what this rank saw is all there is to say
+        failures = [mine or message(RuntimeError(f"a rank stopped ({reason(e)})"))]
+    failed = [(r, f) for r, f in enumerate(failures) if f is not None]
+    if failed:
+        r, text = failed[0]
+        raise RankAgreedError(text + (f" (rank {r})" if r else "")) from None
+
+
 def average_across_ranks(metrics: dict, world: int) -> dict:
     """Every metric averaged over the ranks (a collective under torchrun)."""
     if world == 1:
@@ -70,13 +101,15 @@ def average_across_ranks(metrics: dict, world: int) -> dict:
     return {k: v / world for k, v in zip(keys, t.tolist())}
 
 
-def gather_rank_states(policy, position: int, world: int) -> list[dict]:
-    """Each rank's data position, RNG states and a weight checksum, collected on every rank.
+def gather_rank_states(policy, stream, world: int) -> list[dict]:
+    """Each rank's data position (of its ``SampleStream``), RNG states and a weight checksum,
+    collected on every rank.
 
     The checksums (the float64 sum of every trainable weight) must agree: DDP keeps ranks in sync;
     under FSDP it is the sum over all shards.
     """
-    mine = {"position": position, "torch": torch.get_rng_state(), "checksum": weight_checksum(policy)}
+    mine = {"position": stream.position, "start": stream.start, "done": list(stream.done),
+            "torch": torch.get_rng_state(), "checksum": weight_checksum(policy)}  # fmt: skip
     if torch.cuda.is_available():
         mine["cuda"] = torch.cuda.get_rng_state()
     if world == 1:
