@@ -10,7 +10,7 @@ This module sits at the bottom of the import order (``common`` → data → mode
 every package raises the same types:
 
 - ``UserError``: the base; ``DataError`` (a dataset file or row), ``CheckpointError`` (a model
-  or checkpoint folder; ``RankAgreedError`` when every rank raises it and rank 0 alone reports it); ``common.config.ConfigError`` and ``data.images.BadImageError`` are
+  or checkpoint folder; ``RankAgreedError`` when every rank raises it and rank 0 alone reports it, ``Stopped`` on SIGTERM); ``common.config.ConfigError`` and ``data.images.BadImageError`` are
   user errors too.
 - ``OSError`` (missing file, permission denied, no space left on device) is the user's
   environment, not a bug: it is reported the same way, with the file it names.
@@ -44,6 +44,11 @@ class CheckpointError(UserError, ValueError):
 class RankAgreedError(CheckpointError):
     """Raised alike by every rank of a distributed run (a save they agreed had failed): rank 0
     alone prints it, so the log holds one line, not one per rank."""
+
+
+class Stopped(RankAgreedError):
+    """A rank of a distributed run was told to stop (SIGTERM): torchrun stops every rank when one
+    fails, a cluster stops a job it preempts. Rank 0 alone reports it."""
 
 
 def one_line(text: object) -> str:

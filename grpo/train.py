@@ -51,7 +51,7 @@ from grpo.loss import grpo_loss
 from grpo.policy import build_policy, reference_logprobs
 from grpo.rewards import compute_rewards
 from grpo.rollout import RolloutBuffer, buffer_logprobs, encode_samples
-from grpo.run.checkpoint import log_step, resolve_resume, save_checkpoint, trim_logs
+from grpo.run.checkpoint import check_writable, log_step, resolve_resume, save_checkpoint, trim_logs
 from grpo.run.distributed import (
     all_ranks_learn,
     average_across_ranks,
@@ -63,6 +63,7 @@ from grpo.run.distributed import (
     is_sharded,
     prepare,
     setup_distributed,
+    stop_on_sigterm,
 )
 from grpo.run.memory_plan import print_memory_plan
 from grpo.run.resume import plan_resume, restore
@@ -206,8 +207,13 @@ def update_pass(model, optimizer, buf: RolloutBuffer, cfg: Config, device) -> di
 def train(cfg: Config) -> Path:
     """Run GRPO as configured; return the folder of the final checkpoint."""
     rank, world, device = setup_distributed(cfg.train.device)
+    if world > 1:
+        stop_on_sigterm()  # a rank told to stop ends with rank 0's one line
     check_supported(cfg, world)
     out = Path(cfg.train.output_dir)
+    with all_ranks_learn(world):  # a read-only output folder is one line before any model loads
+        if rank == 0:
+            check_writable(out)
     train_set = read_train_set(cfg)
     eval_groups = heldout_groups(cfg) if cfg.eval.every else []
     ckpt = resolve_resume(cfg.train.resume, out)

@@ -138,6 +138,16 @@ def checkpoint_bytes(policy, optimizer: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def check_writable(output_dir: str | Path) -> None:
+    """Create ``output_dir`` and write a file into it, so that a read-only or unwritable folder is
+    found before any model is loaded (raises ``OSError``)."""
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / ".write-test"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def commit(tmp: Path, final: Path, keep_last: int) -> Path:
     """Rename a fully written checkpoint (manifest last) into place; prune beyond ``keep_last``."""
     if final.exists():  # re-saving the same step (e.g. the end of a resumed run): swap, then delete

@@ -33,6 +33,8 @@ the bf16 base fits every GPU replicated, so DDP is the strategy for it.
 from __future__ import annotations
 
 import os
+import re
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -43,7 +45,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from common.config import Config, ConfigError
-from common.errors import CheckpointError, RankAgreedError
+from common.errors import CheckpointError, RankAgreedError, Stopped, UserError, one_line
 from common.manifest import reason
 from grpo.run.checkpoint import SAVE_ERRORS
 from models.qwen_vl import resolve_device, unwrap
@@ -65,8 +67,31 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def say(e: BaseException) -> str:
+    """One line for ``e``: a user error's own message; a collective that failed because a peer is
+    gone (gloo and NCCL raise a plain ``RuntimeError``) said so, shortly; else ``common.manifest.reason``."""
+    if isinstance(e, UserError):
+        return str(e)
+    text = one_line(e)
+    if type(e) is RuntimeError and any(w in text for w in ("Connection", "gloo", "NCCL", "peer")):
+        core = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". This is typically")[0]  # drop the source line
+        return f"a rank stopped or lost its connection ({core})"
+    return reason(e)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM raises ``Stopped``, so that a rank told to stop (torchrun stops every rank when one
+    fails; a cluster stops a preempted job) ends with rank 0's one line, through the save under way."""
+
+    def stop(signum, frame):
+        raise Stopped("stopped by SIGTERM (torchrun stops every rank when one fails, a cluster a preempted job); "
+                      "train.resume=auto continues from the last complete checkpoint")  # fmt: skip
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 @contextmanager
-def all_ranks_learn(world: int, message: Callable[[BaseException], str] = reason) -> Iterator[None]:
+def all_ranks_learn(world: int, message: Callable[[BaseException], str] = say) -> Iterator[None]:
     """Every rank learns whether the body failed on any rank (a collective after it): a write that
     rank 0 alone does (logs, a checkpoint) and that fails on a full, read-only or vanished folder.
     If it failed, all raise the first failing rank's one-line ``message`` as ``RankAgreedError``,
@@ -78,13 +103,15 @@ def all_ranks_learn(world: int, message: Callable[[BaseException], str] = reason
     mine = None
     try:
         yield
-    except (CheckpointError, *SAVE_ERRORS, CheckpointException) as e:
-        mine = str(e) if isinstance(e, CheckpointError) else message(e)
+    except (Stopped, *SAVE_ERRORS, CheckpointException) as e:
+        mine = message(e)
+    except CheckpointError as e:  # already one line (a failed save of one process's checkpoint)
+        mine = str(e)
     failures: list = [None] * world
     try:
         dist.all_gather_object(failures, mine)
     except RuntimeError as e:  # a peer is gone: what this rank saw is all there is to say
-        failures = [mine or message(RuntimeError(f"a rank stopped ({reason(e)})"))]
+        failures = [mine or message(e)]
     failed = [(r, f) for r, f in enumerate(failures) if f is not None]
     if failed:
         r, text = failed[0]

@@ -40,9 +40,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from common.config import Config
 from common.errors import RankAgreedError
-from common.manifest import reason, write_manifest
+from common.manifest import write_manifest
 from grpo.run.checkpoint import commit, failed_save_message, write_trainer_state
-from grpo.run.distributed import all_ranks_learn
+from grpo.run.distributed import all_ranks_learn, say
 from models.qwen_vl import save_processor, unwrap
 
 MODEL_SHARDS, OPTIMIZER_SHARDS = "model_shards", "optimizer_shards"
@@ -105,7 +105,7 @@ def save_sharded_checkpoint(
         cause = _cause(e)
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        return failed_save_message(final, reason(cause), getattr(cause, "errno", None), need)
+        return failed_save_message(final, say(cause), getattr(cause, "errno", None), need)
 
     try:
         for part, everyone in ((start, False), (shards, True), (finish, False)):
