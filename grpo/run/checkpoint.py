@@ -119,13 +119,17 @@ def failed_save_is_one_line(final: Path, tmp: Path, need: int = 0) -> Iterator[N
 
 def failed_save_message(final: Path, cause: str, error: int | None, need: int) -> str:
     """``could not save FINAL: CAUSE[; it needs about N MB, M MB free]; the previous checkpoint …``."""
+
+    def size(b: float) -> str:
+        return f"{b / 1e9:.1f} GB" if b >= 1e9 else f"{b / 1e6:.1f} MB"
+
     space = ""
     if error in _FULL and need:
         try:
-            free = f", {shutil.disk_usage(final.parent).free / 1e6:.1f} MB free there"
+            free = f", {size(shutil.disk_usage(final.parent).free)} free there"
         except OSError:
             free = ""
-        space = f"; the checkpoint needs about {need / 1e6:.1f} MB{free}"
+        space = f"; the checkpoint needs about {size(need)}{free}"
     previous = [p.name for p in checkpoint_dirs(final.parent)] if final.parent.is_dir() else []
     kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
     return f"could not save {final}: {cause}{space}; {kept}"
