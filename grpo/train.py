@@ -58,6 +58,7 @@ from grpo.run.distributed import (
     check_supported,
     clip_grad_norm,
     compute_in_bf16,
+    end_distributed,
     gather_rank_states,
     gathered,
     is_sharded,
@@ -216,7 +217,7 @@ def train(cfg: Config) -> Path:
             check_writable(out)
     train_set = read_train_set(cfg)
     eval_groups = heldout_groups(cfg) if cfg.eval.every else []
-    ckpt = resolve_resume(cfg.train.resume, out)
+    ckpt = resolve_resume(cfg.train.resume, out, say=rank == 0)
     check_same_task(ckpt, train_set)
     check_model_source(cfg.model.name_or_path)
     plan = print_memory_plan(cfg, world, device, show=rank == 0)  # before any weight reaches the device
@@ -337,9 +338,8 @@ def main(argv: list[str] | None = None) -> None:
             final = train(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"done: {final}")
-    finally:  # also after a user error: a process group left alive aborts the process as it exits
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    finally:  # also after a user error
+        end_distributed()
 
 
 if __name__ == "__main__":

@@ -255,7 +255,7 @@ def restore_rngs(ckpt: Path, state: dict, rank: int) -> None:
         raise CheckpointError(f"cannot resume from {current}: {reason(e)}") from e
 
 
-def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+def resolve_resume(resume: str, output_dir: str | Path, say: bool = True) -> Path | None:
     """The checkpoint to resume from, verified (``verify_checkpoint``), or None to start afresh.
 
     ``auto`` → the newest checkpoint of the run that verifies; newer ones that do not are
@@ -279,7 +279,8 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
             skipped.append(f"{ckpt.name} ({e})")
             continue
         note = f"; skipped newer {'; '.join(skipped)}" if skipped else ""
-        print(f"resuming from {ckpt}{note}", file=sys.stderr)
+        if say:  # False on every rank but rank 0 of a distributed run
+            print(f"resuming from {ckpt}{note}", file=sys.stderr)
         return ckpt
     if skipped:
         raise CheckpointError(

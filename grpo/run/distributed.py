@@ -90,6 +90,14 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+def end_distributed() -> None:
+    """Leave the process group (a group left alive aborts the process as it exits), SIGTERM back
+    to its default first: a rank that has said its one line may be stopped while it leaves."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @contextmanager
 def all_ranks_learn(world: int, message: Callable[[BaseException], str] = say) -> Iterator[None]:
     """Every rank learns whether the body failed on any rank (a collective after it): a write that
