@@ -166,10 +166,11 @@ def _load_through_dcp(resume: Resume, policy, optimizer: torch.optim.Optimizer) 
         _dcp_load(flat, resume.ckpt / OPTIMIZER_SHARDS)
         set_model_state_dict(policy, model_sd)
     else:  # optimizer.safetensors names the moments by the parameter's index in the optimizer
-        names = [n for n, p in policy.named_parameters() if p.requires_grad]
-        by_index = {f"state.{i}.{key}": flat[f"{n}.{key}"] for i, n in enumerate(names)
-                    for key in ("step", "exp_avg", "exp_avg_sq")}  # fmt: skip
-        _dcp_load(by_index, resume.ckpt)
+        names = [n for n, p in policy.named_parameters() if p.requires_grad]  # the optimizer's order
+        by_index = {
+            f"state.{i}.{key}": t for i, n in enumerate(names) for key, t in optim_sd["state"][n].items()
+        }
+        _dcp_load(by_index, resume.ckpt)  # the same tensors as ``flat``'s: loaded in place
     saved_groups = resume.state["param_groups"]
     if len(saved_groups) != len(optim_sd["param_groups"]):
         raise CheckpointError(f"{resume.ckpt}: {len(saved_groups)} optimizer parameter groups, this run has "
