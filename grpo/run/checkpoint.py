@@ -328,6 +328,8 @@ def trim_logs(out_dir: str | Path, step: int) -> None:
 def log_step(out: Path, metrics: dict, buf, n_completions: int) -> None:
     """Append the step's metrics to ``metrics.jsonl`` and its first ``n_completions`` completions
     (of the ``grpo.rollout.RolloutBuffer``) with their rewards to ``completions.jsonl``."""
+    if not out.is_dir():  # deleted or unmounted under the run: say so, rather than name a log file
+        raise FileNotFoundError(2, "the output folder no longer exists", str(out))
     with open(out / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps(metrics) + "\n")
     prompt_rows_N = buf.prompt_rows_N.tolist()
