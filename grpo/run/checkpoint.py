@@ -114,7 +114,16 @@ def failed_save_is_one_line(final: Path, tmp: Path, need: int = 0) -> Iterator[N
         yield
     except SAVE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(failed_save_message(final, reason(e), getattr(e, "errno", None), need)) from e
+        raise CheckpointError(failed_save_message(final, reason(e), error_number(e), need)) from e
+
+
+def error_number(e: BaseException) -> int | None:
+    """The OS error number of ``e``: an ``OSError``'s, or the ``(os error N)`` safetensors' Rust I/O
+    errors carry in their message."""
+    if isinstance(e, OSError):
+        return e.errno
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    return int(found.group(1)) if found else None
 
 
 def failed_save_message(final: Path, cause: str, error: int | None, need: int) -> str:

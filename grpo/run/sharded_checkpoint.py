@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from common.config import Config
 from common.errors import RankAgreedError
 from common.manifest import write_manifest
-from grpo.run.checkpoint import commit, failed_save_message, write_trainer_state
+from grpo.run.checkpoint import commit, error_number, failed_save_message, write_trainer_state
 from grpo.run.distributed import all_ranks_learn, say
 from models.qwen_vl import save_processor, unwrap
 
@@ -105,7 +105,7 @@ def save_sharded_checkpoint(
         cause = _cause(e)
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        return failed_save_message(final, say(cause), getattr(cause, "errno", None), need)
+        return failed_save_message(final, say(cause), error_number(cause), need)
 
     try:
         for part, everyone in ((start, False), (shards, True), (finish, False)):
