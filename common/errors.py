@@ -10,8 +10,9 @@ This module sits at the bottom of the import order (``common`` → data → mode
 every package raises the same types:
 
 - ``UserError``: the base; ``DataError`` (a dataset file or row), ``CheckpointError`` (a model
-  or checkpoint folder; ``RankAgreedError`` when every rank raises it and rank 0 alone reports it, ``Stopped`` on SIGTERM); ``common.config.ConfigError`` and ``data.images.BadImageError`` are
-  user errors too.
+  or checkpoint folder; ``RankAgreedError`` when every rank of a distributed run raises it alike
+  and rank 0 alone reports it, ``Stopped`` on SIGTERM); ``common.config.ConfigError`` and
+  ``data.images.BadImageError`` are user errors too.
 - ``OSError`` (missing file, permission denied, no space left on device) is the user's
   environment, not a bug: it is reported the same way, with the file it names.
 
