@@ -62,6 +62,7 @@ from grpo.run.distributed import (
     gather_rank_states,
     gathered,
     is_sharded,
+    lost_rank_is_one_line,
     prepare,
     setup_distributed,
     stop_on_sigterm,
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     try:
-        with user_errors_exit():
+        with user_errors_exit(), lost_rank_is_one_line():
             cfg = load_config(args.config, args.overrides)
             check_data_folder(cfg)
             final = train(cfg)

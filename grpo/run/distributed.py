@@ -67,16 +67,34 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+_PEER_GONE = re.compile(
+    r"Connection (reset|closed|refused)|closed by peer|Broken pipe"
+)  # gloo's and NCCL's words
+
+
 def say(e: BaseException) -> str:
     """One line for ``e``: a user error's own message; a collective that failed because a peer is
     gone (gloo and NCCL raise a plain ``RuntimeError``) said so, shortly; else ``common.manifest.reason``."""
     if isinstance(e, UserError):
         return str(e)
     text = one_line(e)
-    if type(e) is RuntimeError and any(w in text for w in ("Connection", "gloo", "NCCL", "peer")):
+    if type(e) is RuntimeError and _PEER_GONE.search(text):
         core = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". This is typically")[0]  # drop the source line
         return f"a rank stopped or lost its connection ({core})"
     return reason(e)
+
+
+@contextmanager
+def lost_rank_is_one_line() -> Iterator[None]:
+    """Under torchrun, a collective that fails because another rank died (killed, out of memory)
+    ends with rank 0's one line instead of a traceback from each surviving rank."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = say(e)
+        if not (dist.is_initialized() and text.startswith("a rank stopped")):
+            raise
+        raise Stopped(f"{text}; train.resume=auto continues from the last complete checkpoint") from None
 
 
 def stop_on_sigterm() -> None:
