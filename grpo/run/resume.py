@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_model_state_dict,
@@ -58,6 +59,7 @@ from grpo.run.memory_plan import GiB
 from grpo.run.sharded_checkpoint import (
     MODEL_SHARDS,
     OPTIMIZER_SHARDS,
+    dcp_cause,
     flat_optimizer_state,
     is_sharded_checkpoint,
     nested_optimizer_state,
@@ -116,13 +118,13 @@ def restore(resume: Resume, policy, optimizer: torch.optim.Optimizer, rank: int,
     """Load weights (when they come from shards), optimizer and RNGs of this rank; return the step
     and the ``SampleStream`` keywords (position, start, done) that continue the data order."""
     state, ckpt = resume.state, resume.ckpt
-    if not resume.sharded and not is_sharded(policy):  # the same layout, any number of processes
+    if not resume.sharded and not is_sharded(policy):  # one process or DDP on both sides
         load_trainer_state(ckpt, optimizer, rank)
     else:
         try:
             _load_through_dcp(resume, policy, optimizer)
-        except (*LOAD_ERRORS, RuntimeError) as e:
-            raise CheckpointError(f"cannot resume from {ckpt}: {reason(e)}") from e
+        except (*LOAD_ERRORS, RuntimeError, CheckpointException) as e:
+            raise CheckpointError(f"cannot resume from {ckpt}: {reason(dcp_cause(e))}") from None
         restore_rngs(ckpt, state, rank)
     positions = state["data_positions"]
     start, done = int(state.get("data_start", 0)), tuple(state.get("data_done", ()))

@@ -102,7 +102,7 @@ def save_sharded_checkpoint(
         commit(tmp, final, keep_last)
 
     def failed(e: BaseException) -> str:  # the message of this rank's failure, said after the clean-up
-        cause = _cause(e)
+        cause = dcp_cause(e)
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         return failed_save_message(final, say(cause), error_number(cause), need)
@@ -119,11 +119,11 @@ def save_sharded_checkpoint(
     return final
 
 
-def _cause(e: BaseException) -> BaseException:
+def dcp_cause(e: BaseException) -> BaseException:
     """The first failing rank's own exception inside DCP's ``CheckpointException`` (else ``e``)."""
     if isinstance(e, CheckpointException) and e.failures:
         inner = e.failures[min(e.failures)]
-        return _cause(inner[0] if isinstance(inner, tuple) else inner)
+        return dcp_cause(inner[0] if isinstance(inner, tuple) else inner)
     return e
 
 
