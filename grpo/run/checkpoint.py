@@ -127,17 +127,20 @@ def error_number(e: BaseException) -> int | None:
 
 
 def failed_save_message(final: Path, cause: str, error: int | None, need: int) -> str:
-    """``could not save FINAL: CAUSE[; it needs about N MB, M MB free]; the previous checkpoint …``."""
+    """``could not save FINAL: CAUSE[; the checkpoint needs about N MB, M MB free there]; the previous
+    checkpoint … is intact``."""
 
     def size(b: float) -> str:
         return f"{b / 1e9:.1f} GB" if b >= 1e9 else f"{b / 1e6:.1f} MB"
 
     space = ""
     if error in _FULL and need:
-        try:
-            free = f", {size(shutil.disk_usage(final.parent).free)} free there"
-        except OSError:
-            free = ""
+        free = ""
+        if error != errno.EFBIG:  # over a file-size limit, the disk's free space is beside the point
+            try:
+                free = f", {size(shutil.disk_usage(final.parent).free)} free there"
+            except OSError:
+                pass
         space = f"; the checkpoint needs about {size(need)}{free}"
     previous = [p.name for p in checkpoint_dirs(final.parent)] if final.parent.is_dir() else []
     kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
