@@ -10,8 +10,9 @@ This module sits at the bottom of the import order (``common`` → data → mode
 every package raises the same types:
 
 - ``UserError``: the base; ``DataError`` (a dataset file or row), ``CheckpointError`` (a model
-  or checkpoint folder); ``common.config.ConfigError`` and ``data.images.BadImageError`` are
-  user errors too.
+  or checkpoint folder; ``RankAgreedError`` when every rank of a distributed run raises it alike
+  and rank 0 alone reports it, ``Stopped`` on SIGTERM); ``common.config.ConfigError`` and
+  ``data.images.BadImageError`` are user errors too.
 - ``OSError`` (missing file, permission denied, no space left on device) is the user's
   environment, not a bug: it is reported the same way, with the file it names.
 
@@ -39,6 +40,16 @@ class DataError(UserError, ValueError):
 
 class CheckpointError(UserError, ValueError):
     """A model or checkpoint folder that is missing, incomplete or damaged; names the file."""
+
+
+class RankAgreedError(CheckpointError):
+    """Raised alike by every rank of a distributed run (a save they agreed had failed): rank 0
+    alone prints it, so the log holds one line, not one per rank."""
+
+
+class Stopped(RankAgreedError):
+    """A rank of a distributed run was told to stop (SIGTERM): torchrun stops every rank when one
+    fails, a cluster stops a job it preempts. Rank 0 alone reports it."""
 
 
 def one_line(text: object) -> str:
@@ -69,5 +80,7 @@ def user_errors_exit() -> Iterator[None]:
     except Exception as e:  # noqa: BLE001 — re-raised below unless it is a user error
         if not is_user_error(e) or os.environ.get("GRPO_TRACEBACK"):
             raise
+        if isinstance(e, RankAgreedError) and os.environ.get("RANK", "0") != "0":
+            raise SystemExit(EXIT_USER_ERROR) from None
         print(f"error: {describe(e)}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from common.config import Config, load_config, save_config
-from common.errors import CheckpointError, user_errors_exit
+from common.errors import user_errors_exit
 from common.manifest import check_model_source, check_same_task, load_errors_as_checkpoint_error, task_record
 from data.prompts import answer_values
 from data.read import read_train_set
@@ -54,24 +54,25 @@ from grpo.loss import grpo_loss
 from grpo.policy import build_policy, reference_logprobs
 from grpo.rewards import compute_rewards
 from grpo.rollout import RolloutBuffer, buffer_logprobs, encode_samples
-from grpo.run.checkpoint import load_trainer_state, log_step, resolve_resume, save_checkpoint, trim_logs
+from grpo.run.checkpoint import check_writable, log_step, resolve_resume, save_checkpoint, trim_logs
 from grpo.run.distributed import (
+    all_ranks_learn,
     average_across_ranks,
     check_supported,
     clip_grad_norm,
     compute_in_bf16,
+    end_distributed,
     gather_rank_states,
     gathered,
     is_sharded,
+    lost_rank_is_one_line,
     prepare,
     setup_distributed,
+    stop_on_sigterm,
 )
 from grpo.run.memory_plan import print_memory_plan
-from grpo.run.sharded_checkpoint import (
-    is_sharded_checkpoint,
-    load_sharded_trainer_state,
-    save_sharded_checkpoint,
-)
+from grpo.run.resume import plan_resume, restore
+from grpo.run.sharded_checkpoint import save_sharded_checkpoint
 from grpo.run.stream import SampleStream, check_data_folder, drop_prompts_too_long, next_batch
 from grpo.run.tracking import Tracker, peak_memory, timed
 from models.logprobs import completion_logprobs
@@ -233,50 +234,43 @@ def update_pass(model, optimizer, buf: RolloutBuffer, cfg: Config, device) -> di
 def train(cfg: Config) -> Path:
     """Run GRPO as configured; return the folder of the final checkpoint."""
     rank, world, device = setup_distributed(cfg.train.device)
+    if world > 1:
+        stop_on_sigterm()  # a rank told to stop ends with rank 0's one line
     check_supported(cfg, world)
     out = Path(cfg.train.output_dir)
+    with all_ranks_learn(world):  # a read-only output folder is one line before any model loads
+        if rank == 0:
+            check_writable(out)
     train_set = read_train_set(cfg)
     eval_groups = heldout_groups(cfg) if cfg.eval.every else []
-    ckpt = resolve_resume(cfg.train.resume, out)
+    ckpt = resolve_resume(cfg.train.resume, out, say=rank == 0)
     check_same_task(ckpt, train_set)
     check_model_source(cfg.model.name_or_path)
-    if rank == 0:  # before any weight reaches the device
-        print_memory_plan(cfg, world, device)
-
-    sharded_ckpt = ckpt is not None and is_sharded_checkpoint(ckpt)
-    if ckpt is not None and sharded_ckpt != (cfg.train.strategy == "fsdp" and world > 1):
-        raise CheckpointError(f"{ckpt} was written {'with' if sharded_ckpt else 'without'} FSDP; resume it with "
-                              f"train.strategy={'fsdp' if sharded_ckpt else 'ddp'} and as many processes")  # fmt: skip
+    plan = print_memory_plan(cfg, world, device, show=rank == 0)  # before any weight reaches the device
+    resume = plan_resume(ckpt, cfg, world, plan)  # any strategy and number of processes (grpo.run.resume)
 
     torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank (DDP also broadcasts it)
     with load_errors_as_checkpoint_error(str(ckpt or cfg.model.name_or_path)):
-        policy, reference, processor = build_policy(cfg, device, resume_from=None if sharded_ckpt else ckpt)
+        policy, reference, processor = build_policy(cfg, device, resume_from=resume and resume.weights)
     drop_prompts_too_long(train_set, eval_groups, processor.tokenizer, cfg.data.max_prompt_tokens)
     policy, reference, train_model = prepare(cfg, policy, reference, world, device)  # DDP or FSDP
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
-    start, positions = 0, [0] * world
+    start, order = 0, {}
     torch.manual_seed(cfg.train.seed + rank)  # each rank samples its own completions
-    if ckpt is not None:  # restores the optimizer and this rank's RNG streams
-        if sharded_ckpt:  # each rank reads its shards of the model and of the optimizer
-            state = load_sharded_trainer_state(ckpt, policy, optimizer, rank)
-        else:
-            state = load_trainer_state(ckpt, optimizer, rank)
-        start, positions = state["step"], state["data_positions"]
-        if len(positions) != world:
-            raise CheckpointError(
-                f"{ckpt} was written by {len(positions)} process(es); resume it with as many"
-            )
-    if rank == 0 and cfg.train.resume:  # also with no checkpoint yet: a crash before the first save
-        trim_logs(out, start)
-    stream = SampleStream(len(train_set.samples), cfg.train.seed, rank, world, positions[rank])
+    if resume is not None:  # the optimizer, this rank's RNG streams and the data order
+        start, order = restore(resume, policy, optimizer, rank, world, cfg.grpo.prompts_per_step)
+    stream = SampleStream(len(train_set.samples), cfg.train.seed, rank, world, **order)
 
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        print(f"training on {len(train_set.samples)} samples ({cfg.data.kind}, skipped {dict(train_set.skipped)}), "
-              f"{world} process(es), device {device}, from step {start}", file=sys.stderr)  # fmt: skip
+    with all_ranks_learn(world):  # rank 0 writes; if that fails (a read-only folder), every rank stops
+        if rank == 0:
+            if cfg.train.resume:  # also with no checkpoint yet: a crash before the first save
+                trim_logs(out, start)
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+            print(f"training on {len(train_set.samples)} samples ({cfg.data.kind}, skipped {dict(train_set.skipped)}), "
+                  f"{world} process(es), device {device}, from step {start}", file=sys.stderr)  # fmt: skip
     tracker = Tracker(cfg, out, start, enabled=rank == 0)  # train.report_to: TensorBoard, wandb
     skipped = Counter()
     bar = tqdm(
@@ -297,21 +291,24 @@ def train(cfg: Config) -> Path:
                 metrics.update(
                     run_eval(policy, processor, eval_groups, train_set.rating_values, cfg, rank, world)
                 )
-        if rank == 0:
-            log_step(out, metrics, buf, cfg.train.log_completions)
-            tracker.log(step + 1, metrics, buf, images)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}",
-                            fmt=f"{metrics.get('reward/format', 0):.2f}", len=f"{metrics['completion_len_mean']:.0f}")  # fmt: skip
+        with all_ranks_learn(world):
+            if rank == 0:
+                log_step(out, metrics, buf, cfg.train.log_completions)
+                tracker.log(step + 1, metrics, buf, images)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}",
+                                fmt=f"{metrics.get('reward/format', 0):.2f}", len=f"{metrics['completion_len_mean']:.0f}")  # fmt: skip
         last = step + 1 == cfg.train.steps
         if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
-            rank_states = gather_rank_states(policy, stream.position, world)
+            rank_states = gather_rank_states(policy, stream, world)
             task = task_record(train_set, cfg.data.rating_field)
             if is_sharded(policy):  # every rank writes its shards; the last one also as a HF folder
                 save_sharded_checkpoint(out, step + 1, policy, processor, optimizer, rank_states, cfg,
                                         cfg.train.keep_last, rank, consolidate=last, task=task)  # fmt: skip
-            elif rank == 0:
-                save_checkpoint(out, step + 1, policy, processor, optimizer, rank_states, cfg,
-                                cfg.train.keep_last, cfg.train.save_merged, task)  # fmt: skip
+            else:  # rank 0 writes the whole model
+                with all_ranks_learn(world):
+                    if rank == 0:
+                        save_checkpoint(out, step + 1, policy, processor, optimizer, rank_states, cfg,
+                                        cfg.train.keep_last, cfg.train.save_merged, task)  # fmt: skip
     tracker.close()
     if world > 1:
         dist.barrier()
@@ -328,14 +325,15 @@ def main(argv: list[str] | None = None) -> None:
         "overrides", nargs="*", help="section.key=value, e.g. grpo.group_size=4 train.lr=3e-6"
     )
     args = parser.parse_args(argv)
-    with user_errors_exit():
-        cfg = load_config(args.config, args.overrides)
-        check_data_folder(cfg)
-        final = train(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: {final}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        with user_errors_exit(), lost_rank_is_one_line():
+            cfg = load_config(args.config, args.overrides)
+            check_data_folder(cfg)
+            final = train(cfg)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"done: {final}")
+    finally:  # also after a user error
+        end_distributed()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,6 +96,32 @@ def cold_tiny_dir(tiny_dir, synthetic_ir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cold") / "model"
     return cold_start(str(tiny_dir), read_train(synthetic_ir), str(out), steps=60, batch_size=8, lr=2e-3,
                       progress=False)  # fmt: skip
+
+
+def torchrun(out: Path, *overrides: str, model, data, check: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=2 -m grpo.train experiments/tiny.yaml`` for 3 short steps (CPU, gloo)."""
+    args = [
+        f"model.name_or_path={model}", f"data.root={data}", f"train.output_dir={out}", "model.dtype=float32",
+        "train.device=cpu", "train.steps=3", "train.lr=1e-3", "train.warmup_steps=1", "grpo.group_size=4",
+        "grpo.prompts_per_step=2", "grpo.max_new_tokens=24", "grpo.minibatch_size=4", "grpo.kl_coef=0.04",
+        "eval.every=0",
+    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "grpo.train",
+           "experiments/tiny.yaml", *args, *overrides]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert not check or proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def fsdp_run(cold_tiny_dir, synthetic_ir, tmp_path_factory):
+    """FSDP on 2 ranks, 3 steps, a sharded checkpoint after every step (``ROOT/fsdp``). Tests copy
+    what they change."""
+    root = tmp_path_factory.mktemp("fsdp")
+    proc = torchrun(root / "fsdp", "train.strategy=fsdp", "train.save_every=1", "train.keep_last=3",
+                    "train.log_completions=8", model=cold_tiny_dir, data=synthetic_ir)  # fmt: skip
+    return root, proc
 
 
 @pytest.fixture(scope="session")

@@ -4,15 +4,12 @@ sharded checkpoints, and a consolidated folder that plain transformers, eval.eva
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import solid
+from conftest import solid, torchrun
 from safetensors.torch import load_file
 
 from common.config import ConfigError, load_config
@@ -20,28 +17,11 @@ from common.config import ConfigError, load_config
 pytestmark = pytest.mark.slow
 
 
-def torchrun(out: Path, *overrides: str, model, data) -> subprocess.CompletedProcess:
-    args = [
-        f"model.name_or_path={model}", f"data.root={data}", f"train.output_dir={out}", "model.dtype=float32",
-        "train.device=cpu", "train.steps=3", "train.lr=1e-3", "train.warmup_steps=1", "grpo.group_size=4",
-        "grpo.prompts_per_step=2", "grpo.max_new_tokens=24", "grpo.minibatch_size=4", "grpo.kl_coef=0.04",
-        "eval.every=0",
-    ]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "grpo.train",
-           "experiments/tiny.yaml", *args, *overrides]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
 @pytest.fixture(scope="module")
-def runs(cold_tiny_dir, synthetic_ir, tmp_path_factory):
+def runs(fsdp_run, cold_tiny_dir, synthetic_ir):
     """DDP and FSDP, 3 steps each from the same seed; FSDP with a sharded checkpoint every step."""
-    root = tmp_path_factory.mktemp("fsdp")
-    kw = dict(model=cold_tiny_dir, data=synthetic_ir)
-    torchrun(root / "ddp", "train.strategy=ddp", "train.save_every=0", **kw)
-    fsdp = torchrun(root / "fsdp", "train.strategy=fsdp", "train.save_every=1", "train.keep_last=3", **kw)
+    root, fsdp = fsdp_run
+    torchrun(root / "ddp", "train.strategy=ddp", "train.save_every=0", model=cold_tiny_dir, data=synthetic_ir)
     return root, fsdp
 
 

@@ -325,3 +325,23 @@ def test_resume_auto_before_any_checkpoint_forgets_the_crashed_runs_log(
     train(tiny_config(cold_tiny_dir, synthetic_ir, out, "train.resume=auto", "train.steps=1"))
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1], "the crashed run's lines are dropped, not mixed with the new run's"
+
+
+def test_a_vanished_output_folder_is_one_line_and_is_not_made_again(tiny, tmp_path, one_thread):
+    from common.errors import describe
+    from grpo.run.checkpoint import log_step, save_checkpoint
+
+    model, processor = tiny
+    out = tmp_path / "run"  # the run's folder, deleted (or unmounted) under the run
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    states = [{"position": 0, "torch": torch.get_rng_state(), "checksum": 0.0}]
+    cfg = load_config("experiments/tiny.yaml", [f"train.output_dir={out}"])
+    with pytest.raises(CheckpointError) as err:
+        save_checkpoint(out, 1, model, processor, optimizer, states, cfg)
+    assert str(err.value) == (
+        f"could not save {out}/checkpoint-000001: the output folder no longer exists ({out}); no earlier checkpoint exists"
+    )
+    with pytest.raises(FileNotFoundError) as err:
+        log_step(out, {"step": 1}, None, 0)
+    assert describe(err.value) == f"the output folder no longer exists: {out}"
+    assert not out.exists(), "neither made the folder again"

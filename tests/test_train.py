@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 from common.config import load_config
 from grpo.rollout import encode_samples
-from grpo.run.stream import SampleStream
+from grpo.run.stream import SampleStream, continue_order, global_index
 from grpo.train import lr_at, train
 from models.qwen_vl import load_policy
 
@@ -56,6 +57,32 @@ def test_sample_stream_is_seeded_and_splits_ranks():
     r0, r1 = SampleStream(10, 3, rank=0, world=2), SampleStream(10, 3, rank=1, world=2)
     both = [r0.next_index() for _ in range(5)] + [r1.next_index() for _ in range(5)]
     assert sorted(both) == list(range(10)), "ranks take disjoint halves of an epoch"
+
+
+def test_the_global_order_continues_on_another_number_of_ranks():
+    # By hand: 2 ranks; rank 0 skipped an undecodable image, so it took 3 samples and rank 1 took 2:
+    # global indices 0, 2, 4 (rank 0) and 1, 3 (rank 1). The order continues at 4, passing over it.
+    start, done = continue_order([3, 2], 0, ())
+    assert (start, done) == (4, (4,))
+    assert [global_index(j, start, done) for j in range(3)] == [5, 6, 7]
+    three = [SampleStream(10, 3, rank=r, world=3, start=start, done=done) for r in range(3)]
+    one = SampleStream(10, seed=3)
+    order = [one.next_index() for _ in range(10)]
+    assert [s.next_index() for s in three] == order[5:8], "3 ranks take 5, 6, 7"
+
+    # Any number of ranks, run unequally far, then any other number, twice: every global index
+    # up to where the last ranks stopped is taken exactly once.
+    for w1, w2, w3 in itertools.product((1, 2, 3), (1, 2, 4), (1, 3)):
+        taken, start, done = [], 0, ()
+        for world, extra in ((w1, 0), (w2, 1), (w3, 2)):
+            positions = [(r + extra) % 3 for r in range(world)]  # 0 to 2 samples each
+            taken += [
+                global_index(p * world + r, start, done) for r in range(world) for p in range(positions[r])
+            ]
+            start, done = continue_order(positions, start, done)
+        assert len(taken) == len(set(taken)), "a sample repeated"
+        assert set(range(start)) <= set(taken) and min(done, default=start) >= start, "a sample skipped"
+        assert set(taken) - set(range(start)) == set(done)
 
 
 def test_minibatch_slices_prompts_and_images(cold_tiny_dir, synthetic_ir, tiny):

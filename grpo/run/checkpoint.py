@@ -9,7 +9,7 @@ A checkpoint folder ``OUTPUT_DIR/checkpoint-000300/`` holds
 | tokenizer / processor    | ``processor_config.json``, ``preprocessor_config.json`` (the training pixel cap), tokenizer and chat template under the standard ``Qwen2_5_VLProcessor`` class: the folder loads with ``models.qwen_vl.load_policy`` and with plain transformers |
 | optimizer.safetensors    | AdamW moments, flattened to ``state.{param}.{key}`` tensors |
 | rng.safetensors          | torch CPU and CUDA RNG states of every rank, numpy's of rank 0 |
-| trainer_state.json       | step, data position of every rank, param groups, python RNG, numpy RNG scalars |
+| trainer_state.json       | step, data position of every rank (and where the global order starts), param groups, python RNG, numpy RNG scalars |
 | config.yaml              | the resolved config |
 | task.json                | the task and its rating scale, which evaluation and ranking read back |
 | manifest.json            | size and sha256 of every other file; written last |
@@ -34,6 +34,7 @@ left by a crash in the middle of an append, saying so.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -84,9 +85,11 @@ def save_checkpoint(
     """
     root = Path(output_dir)
     final, tmp = root / f"checkpoint-{step:06d}", root / f".tmp-checkpoint-{step:06d}"
-    with failed_save_is_one_line(final, tmp):
+    with failed_save_is_one_line(final, tmp, checkpoint_bytes(policy, optimizer)):
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        if not root.is_dir():
+            raise FileNotFoundError(2, "the output folder no longer exists", str(root))
+        tmp.mkdir()
         policy.save_pretrained(tmp, safe_serialization=True)
         if save_merged and hasattr(policy, "merge_and_unload"):
             _save_merged(policy, tmp / "merged")
@@ -99,21 +102,66 @@ def save_checkpoint(
     return commit(tmp, final, keep_last)
 
 
+SAVE_ERRORS = (OSError, SafetensorError, RuntimeError)  # what a failed write raises
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over the file-size limit
+
+
 @contextlib.contextmanager
-def failed_save_is_one_line(final: Path, tmp: Path) -> Iterator[None]:
+def failed_save_is_one_line(final: Path, tmp: Path, need: int = 0) -> Iterator[None]:
     """A save that fails (no space, no permission) removes ``tmp`` and raises one ``CheckpointError``
-    line saying that the previous checkpoint is intact."""
+    line saying that the previous checkpoint is intact (``need``: the bytes the checkpoint takes)."""
     try:
         yield
-    except (OSError, SafetensorError, RuntimeError) as e:
+    except SAVE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = [p.name for p in checkpoint_dirs(final.parent)]
-        kept = (
-            f"the previous checkpoint {previous[-1]} is intact"
-            if previous
-            else "no earlier checkpoint exists"
-        )
-        raise CheckpointError(f"could not save {final}: {reason(e)}; {kept}") from e
+        raise CheckpointError(failed_save_message(final, reason(e), error_number(e), need)) from e
+
+
+def error_number(e: BaseException) -> int | None:
+    """The OS error number of ``e``: an ``OSError``'s, or the ``(os error N)`` safetensors' Rust I/O
+    errors carry in their message."""
+    if isinstance(e, OSError):
+        return e.errno
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    return int(found.group(1)) if found else None
+
+
+def failed_save_message(final: Path, cause: str, error: int | None, need: int) -> str:
+    """``could not save FINAL: CAUSE[; the checkpoint needs about N MB, M MB free there]; the previous
+    checkpoint … is intact``."""
+
+    def size(b: float) -> str:
+        return f"{b / 1e9:.1f} GB" if b >= 1e9 else f"{b / 1e6:.1f} MB"
+
+    space = ""
+    if error in _FULL and need:
+        free = ""
+        if error != errno.EFBIG:  # over a file-size limit, the disk's free space is beside the point
+            try:
+                free = f", {size(shutil.disk_usage(final.parent).free)} free there"
+            except OSError:
+                pass
+        space = f"; the checkpoint needs about {size(need)}{free}"
+    previous = [p.name for p in checkpoint_dirs(final.parent)] if final.parent.is_dir() else []
+    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    return f"could not save {final}: {cause}{space}; {kept}"
+
+
+def checkpoint_bytes(policy, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the weights and the optimizer state a checkpoint writes (the rest is small)."""
+    tensors = list(policy.state_dict().values())
+    tensors += [t for per in optimizer.state.values() for t in per.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_writable(output_dir: str | Path) -> None:
+    """Create ``output_dir`` and write a file into it, so that a read-only or unwritable folder is
+    found before any model is loaded (raises ``OSError``)."""
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / ".write-test"
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def commit(tmp: Path, final: Path, keep_last: int) -> Path:
@@ -170,6 +218,8 @@ def write_trainer_state(
     state = {
         "step": step,
         "data_positions": [rs["position"] for rs in rank_states],
+        "data_start": rank_states[0].get("start", 0),  # the global sample order (grpo.run.stream)
+        "data_done": rank_states[0].get("done", []),
         "weight_checksums": [rs["checksum"] for rs in rank_states],
         "param_groups": param_groups,
         "python_rng": _python_rng_to_json(random.getstate()),
@@ -204,9 +254,10 @@ def restore_rngs(ckpt: Path, state: dict, rank: int) -> None:
     current = ckpt / "rng.safetensors"
     try:
         rng = load_file(current)
-        torch.set_rng_state(rng[f"torch.{rank}"])
-        if torch.cuda.is_available() and f"cuda.{rank}" in rng:
-            torch.cuda.set_rng_state(rng[f"cuda.{rank}"])
+        if rank < len(state["data_positions"]):  # a rank the writing run did not have keeps its seed
+            torch.set_rng_state(rng[f"torch.{rank}"])
+            if torch.cuda.is_available() and f"cuda.{rank}" in rng:
+                torch.cuda.set_rng_state(rng[f"cuda.{rank}"])
         current = ckpt / "trainer_state.json"
         name, pos, has_gauss, cached = state["numpy_rng"]
         np.random.set_state((name, rng["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -216,7 +267,7 @@ def restore_rngs(ckpt: Path, state: dict, rank: int) -> None:
         raise CheckpointError(f"cannot resume from {current}: {reason(e)}") from e
 
 
-def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+def resolve_resume(resume: str, output_dir: str | Path, say: bool = True) -> Path | None:
     """The checkpoint to resume from, verified (``verify_checkpoint``), or None to start afresh.
 
     ``auto`` → the newest checkpoint of the run that verifies; newer ones that do not are
@@ -240,7 +291,8 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
             skipped.append(f"{ckpt.name} ({e})")
             continue
         note = f"; skipped newer {'; '.join(skipped)}" if skipped else ""
-        print(f"resuming from {ckpt}{note}", file=sys.stderr)
+        if say:  # False on every rank but rank 0 of a distributed run
+            print(f"resuming from {ckpt}{note}", file=sys.stderr)
         return ckpt
     if skipped:
         raise CheckpointError(
@@ -288,6 +340,8 @@ def trim_logs(out_dir: str | Path, step: int) -> None:
 def log_step(out: Path, metrics: dict, buf, n_completions: int) -> None:
     """Append the step's metrics to ``metrics.jsonl`` and its first ``n_completions`` completions
     (of the ``grpo.rollout.RolloutBuffer``) with their rewards to ``completions.jsonl``."""
+    if not out.is_dir():  # deleted or unmounted under the run: say so, rather than name a log file
+        raise FileNotFoundError(2, "the output folder no longer exists", str(out))
     with open(out / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps(metrics) + "\n")
     prompt_rows_N = buf.prompt_rows_N.tolist()

@@ -33,14 +33,21 @@ the bf16 base fits every GPU replicated, so DDP is the strategy for it.
 from __future__ import annotations
 
 import os
+import re
+import signal
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from common.config import Config, ConfigError
+from common.errors import CheckpointError, RankAgreedError, Stopped, UserError, one_line
+from common.manifest import reason
+from grpo.run.checkpoint import SAVE_ERRORS
 from models.qwen_vl import resolve_device, unwrap
 
 
@@ -60,6 +67,83 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+_PEER_GONE = re.compile(
+    r"Connection (reset|closed|refused)|closed by peer|Broken pipe"
+)  # gloo's and NCCL's words
+
+
+def say(e: BaseException) -> str:
+    """One line for ``e``: a user error's own message; a collective that failed because a peer is
+    gone (gloo and NCCL raise a plain ``RuntimeError``) said so, shortly; else ``common.manifest.reason``."""
+    if isinstance(e, UserError):
+        return str(e)
+    text = one_line(e)
+    if type(e) is RuntimeError and _PEER_GONE.search(text):
+        core = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". This is typically")[0]  # drop the source line
+        return f"a rank stopped or lost its connection ({core})"
+    return reason(e)
+
+
+@contextmanager
+def lost_rank_is_one_line() -> Iterator[None]:
+    """Under torchrun, a collective that fails because another rank died (killed, out of memory)
+    ends with rank 0's one line instead of a traceback from each surviving rank."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = say(e)
+        if not (dist.is_initialized() and text.startswith("a rank stopped")):
+            raise
+        raise Stopped(f"{text}; train.resume=auto continues from the last complete checkpoint") from None
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM raises ``Stopped``, so that a rank told to stop (torchrun stops every rank when one
+    fails; a cluster stops a preempted job) ends with rank 0's one line, through the save under way."""
+
+    def stop(signum, frame):
+        raise Stopped("stopped by SIGTERM (torchrun stops every rank when one fails, a cluster a preempted job); "
+                      "train.resume=auto continues from the last complete checkpoint")  # fmt: skip
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def end_distributed() -> None:
+    """Leave the process group (a group left alive aborts the process as it exits), SIGTERM back
+    to its default first: a rank that has said its one line may be stopped while it leaves."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextmanager
+def all_ranks_learn(world: int, message: Callable[[BaseException], str] = say) -> Iterator[None]:
+    """Every rank learns whether the body failed on any rank (a collective after it): a write that
+    rank 0 alone does (logs, a checkpoint) and that fails on a full, read-only or vanished folder.
+    If it failed, all raise the first failing rank's one-line ``message`` as ``RankAgreedError``,
+    which rank 0 alone prints; a rank that died (the collective fails) is a failure too. One process:
+    the body's own error, as it is."""
+    if world == 1:
+        yield
+        return
+    mine = None
+    try:
+        yield
+    except (Stopped, *SAVE_ERRORS, CheckpointException) as e:
+        mine = message(e)
+    except CheckpointError as e:  # already one line (a failed save of one process's checkpoint)
+        mine = str(e)
+    failures: list = [None] * world
+    try:
+        dist.all_gather_object(failures, mine)
+    except RuntimeError as e:  # a peer is gone: what this rank saw is all there is to say
+        failures = [mine or message(e)]
+    failed = [(r, f) for r, f in enumerate(failures) if f is not None]
+    if failed:
+        r, text = failed[0]
+        raise RankAgreedError(text + (f" (rank {r})" if r else "")) from None
+
+
 def average_across_ranks(metrics: dict, world: int) -> dict:
     """Every metric averaged over the ranks (a collective under torchrun)."""
     if world == 1:
@@ -70,13 +154,15 @@ def average_across_ranks(metrics: dict, world: int) -> dict:
     return {k: v / world for k, v in zip(keys, t.tolist())}
 
 
-def gather_rank_states(policy, position: int, world: int) -> list[dict]:
-    """Each rank's data position, RNG states and a weight checksum, collected on every rank.
+def gather_rank_states(policy, stream, world: int) -> list[dict]:
+    """Each rank's data position (of its ``SampleStream``), RNG states and a weight checksum,
+    collected on every rank.
 
     The checksums (the float64 sum of every trainable weight) must agree: DDP keeps ranks in sync;
     under FSDP it is the sum over all shards.
     """
-    mine = {"position": position, "torch": torch.get_rng_state(), "checksum": weight_checksum(policy)}
+    mine = {"position": stream.position, "start": stream.start, "done": list(stream.done),
+            "torch": torch.get_rng_state(), "checksum": weight_checksum(policy)}  # fmt: skip
     if torch.cuda.is_available():
         mine["cuda"] = torch.cuda.get_rng_state()
     if world == 1:

@@ -295,6 +295,8 @@ def format_plan(p: dict) -> str:
         f"  per rank: {p['per_rank_bytes'] / GiB:.2f} GiB at the {p['peak_phase']} phase, "
         f"usable {p['usable_bytes'] / GiB:.2f} GiB: " + ("fits" if p["fits"] else "DOES NOT FIT"),
     ]
+    if not p["fits"] and p.get("fewest_gpus"):
+        lines.append(f"  fits on {p['fewest_gpus']} GPUs of this size and more")
     if not p["fits"] and p.get("knobs"):
         lines.append("  turn one of: " + ", ".join(p["knobs"]))
     elif not p["fits"] and tr["gathered_policy"] > p["usable_bytes"] / 2:
@@ -317,17 +319,25 @@ def device_memory(device: torch.device, local_ranks: int = 1) -> int:
     return kib * 1024 // local_ranks
 
 
+def fewest_gpus(cfg: Config, shape: ModelShape, gpu_memory: float, most: int = 1024, **kw) -> int | None:
+    """The fewest ranks (up to ``most``) on which ``cfg`` fits, or None (under DDP more do not help)."""
+    return next((w for w in range(1, most + 1) if plan(cfg, shape, w, gpu_memory, **kw)["fits"]), None)
+
+
 def plan_for_config(cfg: Config, gpus: int, gpu_memory: float, download: bool = False, **kw) -> dict:
-    """The plan of ``cfg`` with the knobs that would make it fit, if it does not."""
+    """The plan of ``cfg``, with the knobs that would make it fit and the fewest GPUs it fits on, if it does not."""
     shape = model_shape(cfg.model.name_or_path, download)
     p = plan(cfg, shape, gpus, gpu_memory, **kw)
     if not p["fits"]:
         p["knobs"] = knobs(cfg, shape, gpus, gpu_memory, **kw)
+        p["fewest_gpus"] = fewest_gpus(cfg, shape, gpu_memory, **kw)
     return p
 
 
-def print_memory_plan(cfg: Config, world: int, device: torch.device) -> None:
-    """The plan of this run on this hardware, printed before training starts."""
+def print_memory_plan(cfg: Config, world: int, device: torch.device, show: bool = True) -> dict:
+    """The plan of this run on this hardware, printed (``show``) before training starts."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     p = plan_for_config(cfg, world, device_memory(device, local), download=True)
-    print(format_plan(p), file=sys.stderr)
+    if show:
+        print(format_plan(p), file=sys.stderr)
+    return p

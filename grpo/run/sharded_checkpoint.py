@@ -15,8 +15,13 @@ Shards go through ``torch.distributed.checkpoint`` with its safetensors storage
 (``HuggingFaceStorageWriter``): safetensors only, nothing pickled. The folder is written under a
 temporary name; rank 0 renames it into place only after every rank has written its shards and
 DCP has finished the save (a barrier), so a partially written checkpoint is never taken for a
-complete one. Resume needs the same number of ranks (``data_positions`` are per rank); the
-shards themselves would reshard to any number.
+complete one. The shards reshard to any number of processes on resume (``grpo.run.resume``).
+
+**A failed save** (no space, a read-only or vanished folder, a rank that fails while writing) is
+agreed on by every rank after each part of the save: all raise the same one-line
+``CheckpointError`` (rank 0 alone prints it), naming the folder, the cause and, when the disk is
+full, the space the checkpoint needs; rank 0 removes the temporary folder and the earlier
+checkpoints stay as they were.
 """
 
 from __future__ import annotations
@@ -29,12 +34,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint import HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from common.config import Config
+from common.errors import RankAgreedError
 from common.manifest import write_manifest
-from grpo.run.checkpoint import commit, failed_save_is_one_line, restore_rngs, write_trainer_state
+from grpo.run.checkpoint import commit, error_number, failed_save_message, write_trainer_state
+from grpo.run.distributed import all_ranks_learn, say
 from models.qwen_vl import save_processor, unwrap
 
 MODEL_SHARDS, OPTIMIZER_SHARDS = "model_shards", "optimizer_shards"
@@ -44,12 +52,12 @@ def is_sharded_checkpoint(ckpt: str | Path) -> bool:
     return (Path(ckpt) / MODEL_SHARDS).is_dir()
 
 
-def _flat_optimizer_state(optim_sd: dict) -> dict[str, torch.Tensor]:
+def flat_optimizer_state(optim_sd: dict) -> dict[str, torch.Tensor]:
     """``{"state": {fqn: {key: tensor}}}`` → ``{"fqn.key": tensor}`` (the sharded moments stay DTensors)."""
     return {f"{fqn}.{key}": t for fqn, per in optim_sd["state"].items() for key, t in per.items()}
 
 
-def _nested_optimizer_state(flat: dict[str, torch.Tensor]) -> dict:
+def nested_optimizer_state(flat: dict[str, torch.Tensor]) -> dict:
     state: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in flat.items():
         fqn, key = name.rsplit(".", 1)
@@ -65,49 +73,58 @@ def save_sharded_checkpoint(
     """Write ``checkpoint-{step:06d}`` from every rank (a collective: all ranks call it)."""
     root = Path(output_dir)
     final, tmp = root / f"checkpoint-{step:06d}", root / f".tmp-checkpoint-{step:06d}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
     model_sd, optim_sd = get_state_dict(policy, optimizer)
-    dcp.save(
-        model_sd, storage_writer=HuggingFaceStorageWriter(str(tmp / MODEL_SHARDS), save_distributed=True)
-    )
-    dcp.save(
-        _flat_optimizer_state(optim_sd),
-        storage_writer=HuggingFaceStorageWriter(str(tmp / OPTIMIZER_SHARDS), save_distributed=True),
-    )
-    dist.barrier()  # every rank's shards are on disk
-    if rank == 0:
-        with failed_save_is_one_line(final, tmp):
-            hf = unwrap(policy)
-            hf.config.save_pretrained(tmp)
-            hf.generation_config.save_pretrained(tmp)
-            save_processor(processor, tmp)
-            write_trainer_state(tmp, step, rank_states, optim_sd["param_groups"], config, task)
-            state = json.loads((tmp / "trainer_state.json").read_text())
-            state.update(sharded=True, world=len(rank_states))
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            if consolidate:
-                consolidate_weights(tmp, tmp)
-            write_manifest(tmp)  # last: a folder without it is not a complete checkpoint
+    flat = flat_optimizer_state(optim_sd)
+    need = sum(t.numel() * t.element_size() for t in [*model_sd.values(), *flat.values()])  # whole tensors
+
+    def start() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not root.is_dir():
+            raise FileNotFoundError(2, "the output folder no longer exists", str(root))
+        tmp.mkdir()
+
+    def shards() -> None:
+        for sd, folder in ((model_sd, MODEL_SHARDS), (flat, OPTIMIZER_SHARDS)):
+            dcp.save(sd, storage_writer=HuggingFaceStorageWriter(str(tmp / folder), save_distributed=True))
+
+    def finish() -> None:
+        hf = unwrap(policy)
+        hf.config.save_pretrained(tmp)
+        hf.generation_config.save_pretrained(tmp)
+        save_processor(processor, tmp)
+        write_trainer_state(tmp, step, rank_states, optim_sd["param_groups"], config, task)
+        state = json.loads((tmp / "trainer_state.json").read_text())
+        state.update(sharded=True, world=len(rank_states))
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        if consolidate:
+            consolidate_weights(tmp, tmp)
+        write_manifest(tmp)  # last: a folder without it is not a complete checkpoint
         commit(tmp, final, keep_last)
-    dist.barrier()  # nobody moves on (or resumes) before the folder is in place
+
+    def failed(e: BaseException) -> str:  # the message of this rank's failure, said after the clean-up
+        cause = dcp_cause(e)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return failed_save_message(final, say(cause), error_number(cause), need)
+
+    try:
+        for part, everyone in ((start, False), (shards, True), (finish, False)):
+            with all_ranks_learn(dist.get_world_size(), failed):
+                if everyone or rank == 0:
+                    part()
+    except RankAgreedError:  # also when only another rank failed
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 
-def load_sharded_trainer_state(ckpt: str | Path, policy, optimizer: torch.optim.Optimizer, rank: int) -> dict:
-    """Read this rank's shards of the model and the optimizer from ``ckpt`` and its RNG states."""
-    ckpt = Path(ckpt)
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    model_sd, optim_sd = get_state_dict(policy, optimizer)  # initialises AdamW's state (lr 0, no change)
-    dcp.load(model_sd, storage_reader=HuggingFaceStorageReader(str(ckpt / MODEL_SHARDS)))
-    flat = _flat_optimizer_state(optim_sd)
-    dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(ckpt / OPTIMIZER_SHARDS)))
-    optim_sd = {"state": _nested_optimizer_state(flat), "param_groups": state["param_groups"]}
-    set_state_dict(policy, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    restore_rngs(ckpt, state, rank)
-    return state
+def dcp_cause(e: BaseException) -> BaseException:
+    """The first failing rank's own exception inside DCP's ``CheckpointException`` (else ``e``)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        inner = e.failures[min(e.failures)]
+        return dcp_cause(inner[0] if isinstance(inner, tuple) else inner)
+    return e
 
 
 def consolidate_weights(ckpt: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:

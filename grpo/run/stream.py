@@ -23,19 +23,47 @@ from data.sets import drop_long_prompts
 
 class SampleStream:
     """The training order of one rank: a fresh seeded permutation every epoch, rank r of W
-    taking every W-th sample. ``position`` (samples consumed by this rank) is all its state."""
+    taking every W-th sample. ``position`` (samples consumed by this rank) is its state, with
+    ``start`` and ``done``, which only a resume on another number of ranks sets
+    (``continue_order``): the global sequence then begins at index ``start`` and passes over the
+    indices in ``done``, which ranks of the previous run had already taken."""
 
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, position: int = 0):
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, position: int = 0,
+                 start: int = 0, done: tuple[int, ...] = ()):  # fmt: skip
         self.n, self.seed, self.rank, self.world, self.position = n, seed, rank, world, position
+        self.start, self.done = start, tuple(sorted(done))
         self._epoch, self._order = -1, None
 
     def next_index(self) -> int:
-        k = self.position * self.world + self.rank  # global index in the endless sequence of epochs
-        epoch, i = divmod(k, self.n)
+        k = global_index(self.position * self.world + self.rank, self.start, self.done)
+        epoch, i = divmod(k, self.n)  # k: the index in the endless sequence of epochs
         if epoch != self._epoch:
             self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
         self.position += 1
         return int(self._order[i])
+
+
+def global_index(j: int, start: int = 0, done: tuple[int, ...] = ()) -> int:
+    """The ``j``-th global index at or after ``start`` that is not in ``done`` (sorted, each ≥ start)."""
+    k = start + j
+    for d in done:
+        if d > k:
+            break
+        k += 1
+    return k
+
+
+def continue_order(positions: list[int], start: int, done: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """``(start, done)`` for any number of ranks after W = ``len(positions)`` ranks took
+    ``positions[r]`` samples each: the global sequence continues at the first index some rank had
+    not taken, and passes over those taken beyond it (ranks run unequally far when one skipped an
+    undecodable image), so no sample is repeated or skipped."""
+    world, low = len(positions), min(positions)
+    taken = {global_index(p * world + r, start, done)
+             for r, pos in enumerate(positions) for p in range(low, pos)}  # fmt: skip
+    new_start = global_index(low * world, start, done)
+    earlier = {d for d in done if d >= new_start}
+    return new_start, tuple(sorted(taken | earlier))
 
 
 def next_batch(stream: SampleStream, samples: list, size: int, skipped: Counter) -> tuple[list, list]:
