@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from common.config import EvalConfig, load_config
+from common.config import DataConfig, EvalConfig, load_config
 from data.hpdv2 import read_eval as read_hpdv2_eval
 from data.hpdv2 import read_train as read_hpdv2_train
 from data.imagereward import read_eval as read_ir_eval
@@ -130,10 +130,9 @@ def run_eval(model_dir: Path, kind: str, data_root: Path, out: Path, label: str,
     """Evaluate one model folder on the test split with k = 3 rollouts (so Mean@1 and Mean@3)."""
     model, processor = load_policy(str(model_dir), dtype="float32", device="cpu")
     if kind == "imagereward":
-        groups, rating_values = (
-            read_ir_eval(data_root, split="test").groups,
-            read_ir_train(data_root).rating_values,
-        )
+        rating_values = read_ir_train(data_root).rating_values
+        # with the human ratings, so the diagnostics calibrate the soft rating against them
+        groups = read_ir_eval(data_root, "test", DataConfig.rating_field, rating_values).groups
     else:
         groups, rating_values = read_hpdv2_eval(data_root).groups, None
     cfg = EvalConfig(k=3, max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=32)
