@@ -110,10 +110,18 @@ class JudgeClient:
         return (self._info or self.info())["method"]
 
     def score(self, items: list[Item], details: bool = False) -> list[dict]:
-        """``/v1/score``: one result per item (``soft``, ``hard``, ``parsed``, ``reasoning``, ``anchor``)."""
-        payload = {"items": [{"prompt": it.prompt, "images": [encode_image(im, self.image_format) for im in it.images],
-                              "seed": it.seed} for it in items], "details": details}  # fmt: skip
-        return self.request("/v1/score", payload)["results"]
+        """``/v1/score``: one result per item (``soft``, ``hard``, ``parsed``, ``reasoning``, ``anchor``).
+
+        A list larger than the server's ``max_items`` / ``max_images`` limits (``/v1/model``) is
+        sent as several requests, in order; each item's result is the same either way (its seed)."""
+        limits = (self._info or self.info()).get("limits", {})
+        results = []
+        for chunk in request_chunks(items, limits.get("max_items"), limits.get("max_images")):
+            payload = {"items": [{"prompt": it.prompt, "seed": it.seed,
+                                  "images": [encode_image(im, self.image_format) for im in it.images]}
+                                 for it in chunk], "details": details}  # fmt: skip
+            results += self.request("/v1/score", payload)["results"]
+        return results
 
     def soft_scores(self, items: list[Item]) -> list[list[float]]:
         return [r["soft"] for r in self.score(items)]
@@ -121,6 +129,22 @@ class JudgeClient:
     def __call__(self, images, prompts, metadata=None) -> tuple[np.ndarray, dict]:
         """Flow-GRPO's ``reward_fn(images, prompts, metadata) -> (scores, info)`` (``eval.adapters``)."""
         return flow_grpo_scores(self, images, prompts, metadata)
+
+
+def request_chunks(items: list[Item], max_items: int | None, max_images: int | None) -> list[list[Item]]:
+    """``items`` cut, in order, into runs of at most ``max_items`` items and ``max_images`` images
+    (an item with more images than that alone goes in a run of its own, for the server to refuse)."""
+    chunks: list[list[Item]] = [[]]
+    images = 0
+    for it in items:
+        full = max_items is not None and len(chunks[-1]) >= max_items
+        too_many = max_images is not None and images + len(it.images) > max_images
+        if chunks[-1] and (full or too_many):
+            chunks.append([])
+            images = 0
+        chunks[-1].append(it)
+        images += len(it.images)
+    return [c for c in chunks if c]
 
 
 def server_reason(e: urllib.error.HTTPError) -> str:

@@ -25,7 +25,7 @@ from judge_server import NEW_TOKENS, free_port, png_b64, running_server  # noqa:
 
 from eval.adapters import FlowGRPOReward  # noqa: E402
 from eval.batch import BatchScorer, Item  # noqa: E402
-from eval.client import JudgeClient, JudgeError  # noqa: E402
+from eval.client import JudgeClient, JudgeError, request_chunks  # noqa: E402
 from eval.rank import main as rank_main  # noqa: E402
 from eval.serve import main as serve_main  # noqa: E402
 
@@ -240,6 +240,29 @@ def test_judge_client_flow_grpo_shape_equals_in_process(server, local):
     with pytest.raises(JudgeError, match="422"):
         client.score([Item(" ", [solid("red")])])
     assert client.retried == 0, "a 4xx is not retried"
+
+
+def test_judge_client_splits_a_list_beyond_the_server_limits(server, local):
+    # the server takes at most 8 items and 12 images a request (LIMITS): 10 items of 1–2 images go as
+    # several requests, and each item's scores are its in-process ones (seeded per item)
+    items = [
+        Item(f"a {c} thing", [solid(c)] * (1 + i % 2), seed=i)
+        for i, c in enumerate(COLOURS + ("red", "blue"))
+    ]
+    client = JudgeClient(server)
+    got = client.score(items)
+    want = local.score(items)
+    assert len(got) == len(items)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g["soft"], w.soft, rtol=0, atol=1e-5)
+
+
+def test_request_chunks_respect_both_limits_in_order():
+    items = [Item("p", [None] * n) for n in (1, 2, 3, 1, 5, 1)]
+    chunks = request_chunks(items, max_items=3, max_images=5)
+    assert [[len(it.images) for it in c] for c in chunks] == [[1, 2], [3, 1], [5], [1]]
+    assert [it for c in chunks for it in c] == items
+    assert request_chunks(items, None, None) == [items]
 
 
 def test_judge_client_retries_with_backoff_then_gives_up():
