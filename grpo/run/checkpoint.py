@@ -158,6 +158,8 @@ def check_writable(output_dir: str | Path) -> None:
     """Create ``output_dir`` and write a file into it, so that a read-only or unwritable folder is
     found before any model is loaded (raises ``OSError``)."""
     root = Path(output_dir)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "the output folder is a file", str(root))
     root.mkdir(parents=True, exist_ok=True)
     probe = root / ".write-test"
     probe.write_bytes(b"")
