@@ -42,6 +42,10 @@ COLD = {
     "rating": {"steps": 400, "until_nll": 0.5, "warmup": 15, "calibrate_steps": 0, "noise": 0.0},
     "pairs": {"steps": 600, "until_nll": 0.1, "warmup": 30, "calibrate_steps": 60, "noise": 0.2},
 }
+# The rating half's GRPO: tiny.yaml with DAPO's dynamic sampling, as the pairs half's
+# tiny_hpsv2.yaml: groups whose rewards all agree are replaced by fresh prompts, so the policy
+# keeps learning the digits it has grown certain about too early (docs/demo.md).
+RATING_GRPO = ("grpo.dynamic_sampling=true",)
 # The stretch run's GRPO: tiny.yaml at a third of its learning rate on a cosine schedule (at 3e-4
 # constant the small preset collapsed to one rating by step 300).
 STRETCH_GRPO = ("train.lr=1e-4", "train.lr_schedule=cosine")
@@ -207,7 +211,9 @@ def rating_half(args, out: Path) -> dict:
     st.start("eval_zero_shot", "rating half: zero-shot evaluation (ImageReward test split, k = 3)")
     zero = run_eval(cold_dir, "imagereward", root, out / "eval" / "imagereward-zero-shot", "zero-shot", args)
     st.start("grpo", f"rating half: GRPO on the ImageReward-format training split ({args.steps} steps)")
-    final, kept = grpo_run("tiny.yaml", cold_dir, root, out / "grpo-imagereward", args.steps, args)
+    final, kept = grpo_run(
+        "tiny.yaml", cold_dir, root, out / "grpo-imagereward", args.steps, args, extra=RATING_GRPO
+    )
     st.start("eval_trained", "rating half: trained model evaluation (ImageReward test split, k = 3)")
     trained = run_eval(final, "imagereward", root, out / "eval" / "imagereward-trained", "GRPO", args)
     st.stop()
