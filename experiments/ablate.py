@@ -46,7 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from experiments.demo_report import ACC_KEY, PAIR_TARGETS, RATING_TARGETS  # noqa: E402
 
-# name → overrides of grpo.train on top of the demo's experiment file (docs/math.md has the formulas)
+# Every variant starts from the paper's GRPO: the demo's experiment files sample dynamically
+# (docs/demo.md), so that is switched off first and each variant adds its own settings.
+PAPER = ("grpo.dynamic_sampling=false",)
+# name → overrides of grpo.train on top of PAPER and the demo's experiment file (docs/math.md has the formulas)
 VARIANTS = {
     "grpo": (),  # the paper's: seq-mean, group std, symmetric clip, token ratio
     "dr_grpo": ("grpo.loss_type=dr_grpo",),  # arXiv 2503.20783: no std, constant normaliser
@@ -178,6 +181,7 @@ def run_settings(variant: str, args) -> dict:
         "train.save_every=0",
         "train.keep_last=1",
         f"grpo.ppo_epochs={args.ppo_epochs}",
+        *PAPER,
         *VARIANTS[variant],
     ]
     return {"overrides": overrides, "steps": args.steps, "eval_every": args.eval_every, "prompts": args.prompts,

@@ -409,12 +409,12 @@ def test_concat_groups_scores_each_completion_as_its_own_rollout_did(tiny, synth
 
 def test_every_ablation_variant_is_a_valid_configuration():
     """``make ablate`` trains each of ``experiments/ablate.py``'s variants on both demo tasks."""
-    from experiments.ablate import TASKS, VARIANTS
+    from experiments.ablate import PAPER, TASKS, VARIANTS
 
     assert VARIANTS["grpo"] == (), "the baseline is the paper's GRPO, unchanged"
     for config, _, _ in TASKS.values():
         for variant, overrides in VARIANTS.items():
-            g = load_config(f"experiments/{config}", ["grpo.ppo_epochs=2", *overrides]).grpo
+            g = load_config(f"experiments/{config}", ["grpo.ppo_epochs=2", *PAPER, *overrides]).grpo
             papers = (g.loss_type, g.importance_sampling_level, g.clip_range, g.dynamic_sampling) == (
                 "grpo", "token", (0.2, 0.2), False)  # fmt: skip
             assert papers == (variant == "grpo"), variant
