@@ -61,10 +61,10 @@ from grpo.run.distributed import (
     check_supported,
     clip_grad_norm,
     compute_in_bf16,
-    end_distributed,
     gather_rank_states,
     gathered,
     is_sharded,
+    leave_distributed,
     lost_rank_is_one_line,
     prepare,
     setup_distributed,
@@ -325,15 +325,12 @@ def main(argv: list[str] | None = None) -> None:
         "overrides", nargs="*", help="section.key=value, e.g. grpo.group_size=4 train.lr=3e-6"
     )
     args = parser.parse_args(argv)
-    try:
-        with user_errors_exit(), lost_rank_is_one_line():
-            cfg = load_config(args.config, args.overrides)
-            check_data_folder(cfg)
-            final = train(cfg)
+    with leave_distributed(), user_errors_exit(), lost_rank_is_one_line():
+        cfg = load_config(args.config, args.overrides)
+        check_data_folder(cfg)
+        final = train(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"done: {final}")
-    finally:  # also after a user error
-        end_distributed()
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -108,12 +110,39 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-def end_distributed() -> None:
-    """Leave the process group (a group left alive aborts the process as it exits), SIGTERM back
-    to its default first: a rank that has said its one line may be stopped while it leaves."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+@contextmanager
+def leave_distributed() -> Iterator[None]:
+    """Run a command's body, then leave the process group, also after an error (SIGTERM back to its
+    default first: a rank that has said its one line may be stopped while it leaves).
+
+    A rank under torchrun then ends at once with the body's exit status (``os._exit``, after
+    flushing its output), without the interpreter's finalisation: gloo's worker threads outlive
+    ``destroy_process_group`` (the model's device mesh still holds the group), and one that
+    releases its last finished collective (the tensors of an ``all_gather_object``) while the
+    interpreter shuts down cannot take the GIL and aborts the process (SIGABRT, "terminate called
+    without an active exception"), now and then, on a run that had ended well. One process: the
+    body ends as it would without this."""
+    try:
+        yield
+        status = 0
+    except SystemExit as e:
+        if not dist.is_initialized():
+            raise
+        status = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:
+        if not dist.is_initialized():
+            raise
+        traceback.print_exc()
+        status = 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        distributed = dist.is_initialized()
+        if distributed:
+            dist.destroy_process_group()
+    if distributed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 @contextmanager
