@@ -218,6 +218,13 @@ def test_shipped_experiment_runs_on_the_real_configuration(
     ckpt = train(cfg)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
+    for m in metrics:  # the health metrics under bf16 compute: every number finite, the entropy a real one
+        assert all(math.isfinite(v) for v in m.values()), m
+        assert m["entropy"] > 0.1, "the random model's sampled tokens are far from certain"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves = EventAccumulator(str(out / "tensorboard")).Reload().Tags()["scalars"]
+    assert {"train/entropy", "train/reward", "train/frac_reward_zero_std", "train/kl"} <= set(curves)
 
     if lora_rank == 0:  # the checkpoint is a Hugging Face folder that plain transformers opens
         from safetensors.torch import load_file
