@@ -149,3 +149,29 @@ def test_judge_diagnostics_from_group_results_by_hand():
     assert d["ece"] == pytest.approx(0.1), "p(second better) 0.9; people ranked the second first: 1"
     d = judge_diagnostics([pair], [(unrated, [0, 1])], "pair", (0, 1), swapped=([0.9], [0.9]))
     assert d["position_consistency"]["inconsistency"] == pytest.approx(0.8)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_diagnostics_of_a_bfloat16_judge_of_the_real_configuration(like_dir, tmp_path):
+    """The shipped evaluation runs in bf16 (``model.dtype``) with the real processor, vocabulary and
+    chat template: the soft scores and every diagnostic are finite numbers in their ranges."""
+    import math
+
+    import torch
+
+    from data.hpdv2 import read_eval as read_hpdv2
+    from models.qwen_vl import load_policy
+
+    model, processor = load_policy(str(like_dir), dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    write_hpdv2(tmp_path / "hp", prompts=2, seed=0)
+    groups = read_hpdv2(tmp_path / "hp").groups[:1]
+    cfg = EvalConfig(k=1, batch_size=8, swap_groups=1)
+    report = evaluate(model.eval(), processor, groups, "hpdv2", None, cfg, max_new_tokens=6, progress=False)
+    d = report["diagnostics"]
+    assert d["position_consistency"]["n_pairs"] == 8
+    pairs = d["position_consistency"]
+    for value in (pairs["inconsistency"], pairs["flip_rate"], d["ece"]):
+        assert math.isfinite(value) and 0.0 <= value <= 1.0, d
+    metrics = report["metrics"]
+    assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)), metrics
