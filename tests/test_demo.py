@@ -2,14 +2,16 @@
 rating half cut to 60 GRPO steps, and proof that both learn.
 
 Why this cannot pass by luck or fail by host: the assertions are learning bars, well below what
-every measured run of these configurations reached (``experiments/robust.py``, ``docs/demo.md``:
-data seeds 1–3 under this host's and the AVX2 kernels and with initial weights moved by 2 ulps,
-for the pairs; seeds 1 and 4 for the ratings), not the demo's full targets. Pairs, with dynamic sampling: the smallest gains measured were 0.46
-in pair accuracy (bar 0.25) and 0.32 in anchor soft accuracy (bar 0.15). The rating half's first
-60 steps are the first 60 steps of the demo's rating run (a constant learning rate after the
-warm-up, so a shorter run is the same run cut short): the mean reward of steps 51–60 was above
-that of steps 1–10 by 0.74 on this very configuration (seed 1) and by at least 0.19 on every
-measured one (bar 0.15). The held-out accuracy at step 50 is not asserted.
+the measured runs of this seed reached (``experiments/robust.py``, ``docs/demo.md``), not the demo's
+full targets. Pairs, with dynamic sampling, seed 1: gains of 0.55 (this host's kernels) and 0.46
+(AVX2 kernels) in pair accuracy (bar 0.25), 0.32 and 0.38 in anchor soft accuracy (bar 0.15); the
+other seeds' runs that learned gained at least 0.40 and 0.23, and one of the grid's runs (seed 5,
+weights moved by 2 ulps) did not learn (docs/demo.md). The rating half's first 60 steps are the
+first 60 steps of the demo's rating run (a constant learning rate after the warm-up, so a shorter
+run is the same run cut short): the mean reward of steps 51–60 was above that of steps 1–10 by
+0.74 on this very configuration (seed 1; 0.85 with the AVX2 kernels), and by 0.10–0.44 on the
+other seeds' runs (bar 0.15: it holds for seed 1, not for every seed). The held-out accuracy at
+step 50 is not asserted.
 The report, table and plot are checked for their documented shape.
 """
 
