@@ -169,8 +169,8 @@ def test_diagnostics_of_a_bfloat16_judge_of_the_real_configuration(like_dir, tmp
     cfg = EvalConfig(k=1, batch_size=8, swap_groups=1)
     report = evaluate(model.eval(), processor, groups, "hpdv2", None, cfg, max_new_tokens=6, progress=False)
     d = report["diagnostics"]
-    assert d["position_consistency"]["n_pairs"] == 8
     pairs = d["position_consistency"]
+    assert pairs["n_pairs"] == 8
     for value in (pairs["inconsistency"], pairs["flip_rate"], d["ece"]):
         assert math.isfinite(value) and 0.0 <= value <= 1.0, d
     metrics = report["metrics"]
